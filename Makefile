@@ -1,0 +1,31 @@
+# The two commands of the README:
+#   make demo   set up .venv and run the main job on built-in generated data
+#   make test   set up .venv and run the tests
+# VENV_FLAGS=--system-site-packages reuses a detectron2 you built yourself.
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+# torch/torchvision wheels for Linux x86_64 on the registry are the CUDA builds; they run on CPU.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install test demo clean
+
+$(VENV)/.installed: setup.py tools/install_detectron2.py Makefile
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) tools/install_detectron2.py
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: install
+	$(PY) tools/run_main_job.py
+
+clean:
+	rm -rf $(VENV) output

@@ -1,0 +1,36 @@
+"""Mask R-CNN with the iTPN backbone (HiViT + pre-trained pyramid) in place of FPN(ResNet).
+
+Heads as in ViTDet / the iTPN detection recipe: 2-conv RPN head, 4conv1fc box head
+and 4-conv mask head with LN (SyncBN in the paper needs a process group, LN runs
+anywhere). Sizes come from ``hivit_arch``; a variant patches ``model.backbone.net``.
+"""
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+
+from itpn_d2.modeling import FeaturePyramid, HiViT, ITPNBackbone, hivit_arch
+
+model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+
+constants = model_zoo.get_config("common/data/constants.py").constants
+model.pixel_mean = constants.imagenet_rgb256_mean
+model.pixel_std = constants.imagenet_rgb256_std
+model.input_format = "RGB"
+
+model.backbone = L(ITPNBackbone)(
+    net=L(HiViT)(
+        **hivit_arch("base", "official"),
+        drop_path_rate=0.1,
+        pretrain_img_size=224,
+        use_act_checkpoint=False,
+    ),
+    # depth 2, as in pixel pre-training: the official detection configs use 1 and silently drop
+    # block_*.1 of the pre-trained pyramid (REFERENCE.md finding 5); we load all of it.
+    pyramid=L(FeaturePyramid)(embed_dim="${..net.embed_dim}", out_dim=256, depth=2),
+    out_features=("p2", "p3", "p4", "p5", "p6"),
+    square_pad=0,
+)
+
+model.roi_heads.box_head.conv_norm = model.roi_heads.mask_head.conv_norm = "LN"
+model.proposal_generator.head.conv_dims = [-1, -1]
+model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]
+model.roi_heads.box_head.fc_dims = [1024]

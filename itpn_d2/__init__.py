@@ -1,0 +1,8 @@
+"""iTPN (Integrally Pre-Trained Transformer Pyramid Networks) for detectron2.
+
+Importing the package registers its backbone, meta-architectures and datasets
+with detectron2's registries.
+"""
+from . import modeling  # noqa: F401  (registers ITPNBackbone)
+
+__version__ = "0.1.0"

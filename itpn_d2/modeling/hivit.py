@@ -1,0 +1,409 @@
+"""HiViT: the hierarchical encoder of iTPN.
+
+An image is cut into 16x16-pixel *mask units*. Inside a unit the first two stages
+work on a 4x4 (stride 4) and then a 2x2 (stride 8) grid of tokens with MLP-only
+blocks, so no information ever crosses a unit boundary before the stride-16
+attention stage. That is what lets pre-training drop masked units *before* stage
+one (MAE-style) and still be exact: a visible token can never see a masked unit.
+
+Tensor layout used throughout ("unit layout"):
+    stride 4:  (B, N, 4, 4, C/4)
+    stride 8:  (B, N, 2, 2, C/2)
+    stride 16: (B, N, C)
+with N the number of (kept) units in raster order and the two inner dims the
+(row, column) of a token inside its unit.
+
+Parameter names follow the official iTPN release (``patch_embed``, ``blocks.i``,
+``absolute_pos_embed``) so converting its weights is a prefix change.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
+from timm.layers import DropPath, Mlp, trunc_normal_
+
+from .pos_embed import get_2d_sincos_pos_embed, resize_pos_embed
+
+__all__ = [
+    "PatchEmbed",
+    "MlpBlock",
+    "PatchMerge",
+    "Attention",
+    "AttentionBlock",
+    "HiViT",
+    "HIVIT_ARCHS",
+    "hivit_arch",
+]
+
+
+def _layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
+class PatchEmbed(nn.Module):
+    """4x4 patch embedding, regrouped into 16x16-pixel mask units.
+
+    (B, 3, H, W) -> (B, H/16 * W/16, 4, 4, embed_dim)
+    """
+
+    def __init__(self, *, in_chans: int = 3, embed_dim: int = 128, unit_size: int = 16, inner: int = 4):
+        super().__init__()
+        self.unit_size = unit_size
+        self.inner = inner
+        stride = unit_size // inner
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=stride, stride=stride)
+        self.norm = _layer_norm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        hu, wu = H // self.unit_size, W // self.unit_size
+        x = self.proj(x)  # (B, c, H/4, W/4)
+        c = x.shape[1]
+        x = x.view(B, c, hu, self.inner, wu, self.inner).permute(0, 2, 4, 3, 5, 1)
+        x = x.reshape(B, hu * wu, self.inner, self.inner, c)
+        return self.norm(x)
+
+
+class MlpBlock(nn.Module):
+    """``x + DropPath(MLP(LN(x)))`` on the last dim; any leading shape.
+
+    Used for HiViT's stride-4/8 stages and, as the C-MLP, throughout the pyramid.
+    The attribute names (``norm2``, ``mlp``) match the official checkpoints.
+    """
+
+    def __init__(self, *, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm2 = _layer_norm(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerge(nn.Module):
+    """2x2 token merge inside each unit: (B, N, h, w, c) -> (B, N, h/2, w/2, 2c)."""
+
+    def __init__(self, *, dim: int):
+        super().__init__()
+        self.norm = _layer_norm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Order (row, col) = (0,0), (1,0), (0,1), (1,1), as in Swin and the iTPN release.
+        x = torch.cat(
+            [x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]],
+            dim=-1,
+        )
+        return self.reduction(self.norm(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+    With ``rel_pos_grid`` set, a Swin-style relative position bias table of
+    ``(2S-1)^2`` entries per head is learnt at the pre-training grid ``S x S`` and
+    resized bicubically for other grids.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        rel_pos_grid: Optional[Tuple[int, int]] = None,
+    ):
+        super().__init__()
+        assert dim % num_heads == 0, f"dim {dim} is not divisible by num_heads {num_heads}"
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_grid = tuple(rel_pos_grid) if rel_pos_grid else None
+        if self.rel_pos_grid:
+            gh, gw = self.rel_pos_grid
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * gh - 1) * (2 * gw - 1), num_heads))
+            trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def rel_pos_bias(self, rel_index: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """Bias for a ``grid``; ``rel_index`` (..., L, L) indexes a (2h-1)(2w-1) table.
+
+        Returns (..., heads, L, L) with the batch dims of ``rel_index``.
+        """
+        table = self.relative_position_bias_table
+        gh, gw = self.rel_pos_grid
+        h, w = grid
+        if (h, w) != (gh, gw):
+            table = table.T.reshape(1, self.num_heads, 2 * gh - 1, 2 * gw - 1)
+            table = F.interpolate(table, size=(2 * h - 1, 2 * w - 1), mode="bicubic", align_corners=False)
+            table = table.reshape(self.num_heads, -1).T
+        bias = table[rel_index]  # (..., L, L, heads)
+        return bias.movedim(-1, -3)
+
+    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, L, C); attn_bias: broadcastable to (B, heads, L, L) or None."""
+        B, L, C = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        return self.proj(x.transpose(1, 2).reshape(B, L, C))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-LN transformer block on (B, L, C), optional layer-scale (``gamma_1``, ``gamma_2``)."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        layer_scale_init: Optional[float] = None,
+        rel_pos_grid: Optional[Tuple[int, int]] = None,
+    ):
+        super().__init__()
+        self.norm1 = _layer_norm(dim)
+        self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid)
+        self.norm2 = _layer_norm(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if layer_scale_init is not None:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def forward(self, x: torch.Tensor, rel_index: Optional[torch.Tensor] = None, grid=None) -> torch.Tensor:
+        bias = None
+        if rel_index is not None:
+            bias = self.attn.rel_pos_bias(rel_index, grid)
+            if bias.dim() == 3:  # shared by the batch
+                bias = bias.unsqueeze(0)
+        a = self.attn(self.norm1(x), bias)
+        if self.gamma_1 is not None:
+            a = self.gamma_1 * a
+        x = x + self.drop_path(a)
+        m = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            m = self.gamma_2 * m
+        return x + self.drop_path(m)
+
+
+def _relative_index(h: int, w: int, device=None) -> torch.Tensor:
+    """(h*w, h*w) index into a (2h-1)*(2w-1) relative-position table."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, L)
+    rel = coords[:, :, None] - coords[:, None, :]
+    return (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
+
+
+# One table for every size and block layout. "official" is the iTPN release
+# (base 3/3/24, large 2/2/40); "mmpretrain" is mmpretrain's iTPN (4/4/24, 4/4/40).
+# small is HiViT-S (4/4/20, the same in both). tiny is ours: a CPU-sized model for
+# tests and the demo (2.8M encoder parameters), not HiViT-T.
+HIVIT_ARCHS = {
+    ("tiny", "official"): dict(embed_dim=192, mlp_depths=(1, 1), depth=6, num_heads=3),
+    ("small", "official"): dict(embed_dim=384, mlp_depths=(4, 4), depth=20, num_heads=6),
+    ("base", "official"): dict(embed_dim=512, mlp_depths=(3, 3), depth=24, num_heads=8),
+    ("large", "official"): dict(embed_dim=768, mlp_depths=(2, 2), depth=40, num_heads=12),
+    ("tiny", "mmpretrain"): dict(embed_dim=192, mlp_depths=(1, 1), depth=6, num_heads=3),
+    ("small", "mmpretrain"): dict(embed_dim=384, mlp_depths=(4, 4), depth=20, num_heads=6),
+    ("base", "mmpretrain"): dict(embed_dim=512, mlp_depths=(4, 4), depth=24, num_heads=8),
+    ("large", "mmpretrain"): dict(embed_dim=768, mlp_depths=(4, 4), depth=40, num_heads=12),
+}
+
+
+def hivit_arch(size: str, layout: str = "official") -> dict:
+    """The HiViT constructor arguments for a named size and block layout."""
+    key = (size, layout)
+    if key not in HIVIT_ARCHS:
+        sizes = sorted({s for s, _ in HIVIT_ARCHS})
+        layouts = sorted({l for _, l in HIVIT_ARCHS})
+        raise KeyError(f"unknown HiViT arch size={size!r} layout={layout!r}; sizes: {sizes}, layouts: {layouts}")
+    d = dict(HIVIT_ARCHS[key])
+    d["mlp_depths"] = tuple(d["mlp_depths"])
+    return d
+
+
+class HiViT(nn.Module):
+    """The HiViT encoder.
+
+    ``blocks`` is one list, as in the official release: ``mlp_depths[0]`` MLP blocks
+    at C/4, a PatchMerge, ``mlp_depths[1]`` MLP blocks at C/2, a PatchMerge, then
+    ``depth`` attention blocks at C.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int = 512,
+        mlp_depths: Sequence[int] = (3, 3),
+        depth: int = 24,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        stem_mlp_ratio: float = 3.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        in_chans: int = 3,
+        pretrain_img_size: int = 224,
+        unit_size: int = 16,
+        pos_embed_trainable: bool = True,
+        rel_pos: bool = False,
+        layer_scale_init: Optional[float] = None,
+        use_act_checkpoint: bool = False,
+    ):
+        """
+        Args:
+            embed_dim: width C of the stride-16 stage; stages 1/2 use C/4 and C/2.
+            mlp_depths: MLP blocks at stride 4 and stride 8.
+            depth: attention blocks at stride 16.
+            stem_mlp_ratio: MLP ratio of the stride-4/8 blocks (3 in HiViT).
+            drop_path_rate: stochastic depth, linear over all MLP and attention blocks.
+            pretrain_img_size: the position embedding is kept at this size
+                (``(size/16)^2`` entries) and resized in forward for other inputs.
+            pos_embed_trainable: official pixel pre-training trains it, mmpretrain freezes it.
+            rel_pos: Swin-style relative position bias per attention block (CLIP variant).
+            layer_scale_init: layer-scale init (0.1 in the CLIP variant), None for off.
+            use_act_checkpoint: recompute each block in backward to save memory.
+        """
+        super().__init__()
+        assert embed_dim % 4 == 0, f"embed_dim {embed_dim} must be divisible by 4"
+        m1, m2 = mlp_depths
+        self.embed_dim = embed_dim
+        self.mlp_depths = (m1, m2)
+        self.depth = depth
+        self.unit_size = unit_size
+        self.use_act_checkpoint = use_act_checkpoint
+        self.pretrain_grid = (pretrain_img_size // unit_size, pretrain_img_size // unit_size)
+        self.stage_dims = (embed_dim // 4, embed_dim // 2, embed_dim)
+
+        self.patch_embed = PatchEmbed(in_chans=in_chans, embed_dim=embed_dim // 4, unit_size=unit_size)
+        gh, gw = self.pretrain_grid
+        pos = get_2d_sincos_pos_embed(embed_dim, gh, gw).unsqueeze(0)
+        self.absolute_pos_embed = nn.Parameter(pos, requires_grad=pos_embed_trainable)
+
+        n = m1 + m2 + depth
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear, as torch.linspace
+        c4, c8, c16 = self.stage_dims
+        blocks = [MlpBlock(dim=c4, mlp_ratio=stem_mlp_ratio, drop_path=dpr[i]) for i in range(m1)]
+        blocks.append(PatchMerge(dim=c4))
+        blocks += [MlpBlock(dim=c8, mlp_ratio=stem_mlp_ratio, drop_path=dpr[m1 + i]) for i in range(m2)]
+        blocks.append(PatchMerge(dim=c8))
+        blocks += [
+            AttentionBlock(
+                dim=c16,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=dpr[m1 + m2 + i],
+                layer_scale_init=layer_scale_init,
+                rel_pos_grid=self.pretrain_grid if rel_pos else None,
+            )
+            for i in range(depth)
+        ]
+        self.blocks = nn.ModuleList(blocks)
+        self.rel_pos = rel_pos
+        self.apply(_init_weights)
+
+    @property
+    def num_layers(self) -> int:
+        """Length of ``blocks`` (MLP blocks, the two merges and the attention blocks)."""
+        return len(self.blocks)
+
+    def _run(self, blk, *args):
+        if self.use_act_checkpoint and self.training and torch.is_grad_enabled():
+            return torch_checkpoint.checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
+
+    def pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """Absolute position embedding (1, h*w, C) for a unit grid (h, w)."""
+        return resize_pos_embed(self.absolute_pos_embed, self.pretrain_grid, grid)
+
+    def forward(
+        self, x: torch.Tensor, ids_keep: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            x: (B, 3, H, W), H and W multiples of 16.
+            ids_keep: optional (B, N_vis) long indices (raster order over the
+                (H/16, W/16) unit grid) of the units to keep. Every other unit is
+                dropped before the first block, so nothing of it reaches any output.
+        Returns:
+            f4: (B, N', 4, 4, C/4) stage-1 output (stride 4)
+            f8: (B, N', 2, 2, C/2) stage-2 output before the second merge (stride 8)
+            f16: (B, N', C) last attention block output (stride 16)
+            with N' = N_vis if ids_keep is given else H/16 * W/16.
+        """
+        B, _, H, W = x.shape
+        u = self.unit_size
+        if H % u or W % u:
+            raise ValueError(f"HiViT input must be a multiple of {u} pixels on each side; got {H}x{W}")
+        grid = (H // u, W // u)
+        x = self.patch_embed(x)
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *x.shape[2:]))
+
+        m1, m2 = self.mlp_depths
+        for blk in self.blocks[:m1]:
+            x = self._run(blk, x)
+        f4 = x
+        x = self.blocks[m1](x)
+        for blk in self.blocks[m1 + 1 : m1 + 1 + m2]:
+            x = self._run(blk, x)
+        f8 = x
+        x = self.blocks[m1 + 1 + m2](x)[..., 0, 0, :]  # (B, N', C)
+
+        pos = self.pos_embed_for(grid)
+        if ids_keep is not None:
+            pos = torch.gather(pos.expand(B, -1, -1), 1, ids_keep[:, :, None].expand(-1, -1, pos.shape[-1]))
+        x = x + pos
+
+        rel_index = None
+        if self.rel_pos:
+            rel_index = _relative_index(*grid, device=x.device)
+            if ids_keep is not None:
+                rel_index = rel_index[ids_keep[:, :, None], ids_keep[:, None, :]]  # (B, L, L)
+        for blk in self.blocks[m1 + m2 + 2 :]:
+            x = self._run(blk, x, rel_index, grid)
+        return f4, f8, x
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        # As MAE: treat the patch projection like a Linear layer.
+        nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def units_to_map(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Unit layout (B, h*w, s, s, C) -> image-shaped map (B, C, h*s, w*s)."""
+    B, N, s1, s2, C = x.shape
+    h, w = grid
+    assert N == h * w, f"{N} units do not fill a {h}x{w} grid"
+    return x.view(B, h, w, s1, s2, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * s1, w * s2)
+
+
+def map_to_units(x: torch.Tensor, inner: int) -> torch.Tensor:
+    """Image-shaped map (B, C, h*s, w*s) -> unit layout (B, h*w, s, s, C) with s = ``inner``."""
+    B, C, H, W = x.shape
+    h, w = H // inner, W // inner
+    return x.view(B, C, h, inner, w, inner).permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, inner, inner, C)
+
+
+def grid_of(image_hw: Tuple[int, int], unit_size: int = 16) -> Tuple[int, int]:
+    return (image_hw[0] // unit_size, image_hw[1] // unit_size)
+

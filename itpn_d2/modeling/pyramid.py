@@ -1,0 +1,95 @@
+"""The iTPN feature pyramid: C-MLP blocks and PatchSplit, top-down 16 -> 8 -> 4.
+
+No convolutions: every operation is per token or inside one mask unit, so the
+pyramid keeps HiViT's property that a masked unit cannot leak into a visible one,
+and the same module (same weights, same names) serves pre-training and the
+detection / segmentation necks.
+
+Parameter names follow the official iTPN release (``align_dim_16tofpn``,
+``split_16to8``, ``block_16to8``, ``fpn_modules`` ...).
+"""
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+from .hivit import MlpBlock, _init_weights, _layer_norm
+
+__all__ = ["PatchSplit", "FeaturePyramid"]
+
+
+class PatchSplit(nn.Module):
+    """Learned 2x up-sampling inside each unit.
+
+    (B, N, h, w, C) -> LN -> Linear(C -> 4*D) -> (B, N, 2h, 2w, D): each token
+    becomes the 2x2 sub-tokens it covers at the next finer stride.
+    """
+
+    def __init__(self, *, dim: int, out_dim: int):
+        super().__init__()
+        self.out_dim = out_dim
+        self.norm = _layer_norm(dim)
+        self.reduction = nn.Linear(dim, 4 * out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, h, w, _ = x.shape
+        x = self.reduction(self.norm(x))
+        # The 4*D outputs are (sub-row, sub-col, D): interleave them with (h, w).
+        x = x.view(B, N, h, w, 2, 2, self.out_dim).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(B, N, 2 * h, 2 * w, self.out_dim)
+
+
+class FeaturePyramid(nn.Module):
+    """Top-down fusion of HiViT's stride 4/8/16 features into ``out_dim`` channels.
+
+    P16 = Linear(f16)
+    P8  = C-MLPs(PatchSplit(P16) + Linear(f8))
+    P4  = C-MLPs(PatchSplit(P8) + Linear(f4))
+    then one more C-MLP per level (``fpn_modules[0..2]`` for strides 16, 8, 4).
+    """
+
+    def __init__(self, *, embed_dim: int = 512, out_dim: int = 256, depth: int = 2, mlp_ratio: float = 4.0):
+        """
+        Args:
+            embed_dim: HiViT's width C; its stride-4, 8, 16 features have C/4, C/2, C
+                channels.
+            out_dim: channels of every pyramid level (256 in the paper).
+            depth: C-MLP blocks after each top-down fusion (``fpn_depth``: 2 in
+                pixel pre-training, 1 in the official detection configs).
+            mlp_ratio: hidden width of the C-MLPs relative to ``out_dim``.
+        """
+        super().__init__()
+        c4, c8, c16 = embed_dim // 4, embed_dim // 2, embed_dim
+        self.in_dims = (c4, c8, c16)
+        self.out_dim = out_dim
+        self.depth = depth
+
+        def cmlps(n):
+            return nn.Sequential(*[MlpBlock(dim=out_dim, mlp_ratio=mlp_ratio) for _ in range(n)])
+
+        self.align_dim_16tofpn = nn.Linear(c16, out_dim)
+        self.split_16to8 = PatchSplit(dim=c16, out_dim=out_dim)
+        self.align_dim_16to8 = nn.Linear(c8, out_dim, bias=False)
+        self.block_16to8 = cmlps(depth)
+        self.split_8to4 = PatchSplit(dim=out_dim, out_dim=out_dim)
+        self.align_dim_8to4 = nn.Linear(c4, out_dim, bias=False)
+        self.block_8to4 = cmlps(depth)
+        self.fpn_modules = nn.ModuleList([MlpBlock(dim=out_dim, mlp_ratio=mlp_ratio) for _ in range(3)])
+        self.apply(_init_weights)
+
+    def forward(
+        self, f4: torch.Tensor, f8: torch.Tensor, f16: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            f4: (B, N, 4, 4, C/4), f8: (B, N, 2, 2, C/2), f16: (B, N, C) from HiViT.
+        Returns:
+            (p4, p8, p16): (B, N, 4, 4, D), (B, N, 2, 2, D), (B, N, 1, 1, D).
+        """
+        x16 = self.align_dim_16tofpn(f16[:, :, None, None, :])
+        x8 = self.block_16to8(self.split_16to8(f16[:, :, None, None, :]) + self.align_dim_16to8(f8))
+        x4 = self.block_8to4(self.split_8to4(x8) + self.align_dim_8to4(f4))
+        p16 = self.fpn_modules[0](x16)
+        p8 = self.fpn_modules[1](x8)
+        p4 = self.fpn_modules[2](x4)
+        return p4, p8, p16

@@ -1,0 +1,41 @@
+"""itpn_d2: iTPN (integrally pre-trained transformer pyramid networks) on detectron2.
+
+detectron2 itself is not listed: it is either the user's own build or installed by
+``tools/install_detectron2.py`` (the registry's ``sal-detectron2`` is tagged cp310
+only and needs a special pip call on newer Pythons).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="itpn_d2",
+    version="0.1.0",
+    description="iTPN: HiViT + integrally pre-trained feature pyramid for detectron2",
+    python_requires=">=3.10",
+    packages=find_packages(include=["itpn_d2", "itpn_d2.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "fvcore>=0.1.5",
+        "iopath>=0.1.7",
+        "timm>=0.9",
+        "pycocotools>=2.0.2",
+        # headless: servers and CI have no display; opencv-python works as well.
+        "opencv-python-headless",
+        "omegaconf>=2.1",
+        "hydra-core>=1.1",
+        # what detectron2 itself imports at run time
+        "Pillow>=7.1",
+        "matplotlib",
+        "termcolor>=1.1",
+        "yacs>=0.1.8",
+        "tabulate",
+        "cloudpickle",
+        "tqdm>4.29.0",
+        "tensorboard",
+        "black",
+        "packaging",
+        # detectron2.model_zoo imports pkg_resources, removed in setuptools 81
+        "setuptools<81",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
