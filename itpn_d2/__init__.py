@@ -3,6 +3,7 @@
 Importing the package registers its backbone, meta-architectures and datasets
 with detectron2's registries.
 """
-from . import modeling  # noqa: F401  (registers ITPNBackbone)
+from . import modeling  # noqa: F401  (registers ITPNBackbone, meta-architectures)
+from . import data  # noqa: F401  (registers the built-in datasets)
 
 __version__ = "0.1.0"

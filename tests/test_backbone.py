@@ -120,7 +120,8 @@ def test_position_embedding_interpolates_for_any_grid(tiny_backbone):
 
 
 def test_block_layout_and_official_key_names():
-    net = HiViT(**hivit_arch("base", "official"))
+    with torch.device("meta"):
+        net = HiViT(**hivit_arch("base", "official"))
     keys = set(net.state_dict())
     assert "blocks.3.reduction.weight" in keys and "blocks.7.reduction.weight" in keys
     assert "blocks.0.mlp.fc1.weight" in keys and "blocks.8.attn.qkv.weight" in keys
@@ -167,6 +168,7 @@ def _tiny_mask_rcnn(repo_root):
     cfg.model.roi_heads.num_classes = 3
     cfg.model.roi_heads.batch_size_per_image = 32
     cfg.model.proposal_generator.post_nms_topk = (64, 32)
+    cfg.model.roi_heads.box_predictor.test_topk_per_image = 10
     return instantiate(cfg.model)
 
 

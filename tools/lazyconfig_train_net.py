@@ -33,6 +33,7 @@ from detectron2.engine import (
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itpn_d2  # noqa: E402,F401  (registers backbones, meta-archs, datasets)
@@ -93,6 +94,8 @@ def do_train(args, cfg):
             )
             if comm.is_main_process()
             else None,
+            # e.g. [L(ReconstructionVisualizer)(period=...)]; instantiated after the model exists
+            *[instantiate(h) for h in cfg.train.get("extra_hooks", None) or []],
         ]
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
@@ -104,6 +107,8 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
+    # default_setup configures detectron2's and fvcore's loggers only.
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="itpn_d2")
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)

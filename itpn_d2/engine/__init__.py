@@ -1,0 +1,2 @@
+from .hooks import ReconstructionVisualizer
+from .trainer import AutocastTrainer, NonFiniteLossError, check_finite_losses

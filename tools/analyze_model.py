@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Parameters and FLOPs of an iTPN model, per part (fvcore's counters).
+
+FLOPs are fvcore's: one fused multiply-add counts as one FLOP, attention matmuls
+included (see itpn_d2/utils/flops.py). Examples::
+
+    # encoder + pyramid of a named size and block layout, FLOPs at 224x224 unmasked
+    python tools/analyze_model.py --size base --layout mmpretrain --fpn-depth 2
+    # any LazyConfig model: parameters per sub-module, two levels deep
+    python tools/analyze_model.py --config-file configs/COCO/mask_rcnn_itpn_base_1x.py --depth 2
+"""
+import argparse
+import os
+import sys
+
+import torch
+from fvcore.nn import parameter_count
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from itpn_d2.modeling import FeaturePyramid, HiViT, hivit_arch  # noqa: E402
+from itpn_d2.utils.flops import flop_count_analysis  # noqa: E402
+
+
+def fmt(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def param_table(model: torch.nn.Module, depth: int):
+    """Rows (name, params) for every module prefix up to ``depth`` dots, plus the total."""
+    counts = parameter_count(model)
+    rows = [("(total)", counts[""])]
+    for name, n in counts.items():
+        if name and name.count(".") < depth and not name.split(".")[-1].isdigit():
+            if any(p.startswith(name + ".") or p == name for p, _ in model.named_parameters()):
+                rows.append((name, n))
+    return rows
+
+
+def analyze_arch(args) -> None:
+    arch = hivit_arch(args.size, args.layout)
+    net = HiViT(**arch, pretrain_img_size=224).eval()
+    pyramid = FeaturePyramid(embed_dim=net.embed_dim, out_dim=args.fpn_dim, depth=args.fpn_depth).eval()
+    parts = {"encoder (HiViT)": net, f"pyramid (fpn_depth {args.fpn_depth})": pyramid}
+    decoder = None
+    if args.decoder_depth > 0:
+        try:
+            from itpn_d2.modeling.decoder import PixelDecoder
+        except ImportError:
+            print("(the pixel decoder is not available in this version: skipped)")
+        else:
+            decoder = PixelDecoder(in_dim=args.fpn_dim, depth=args.decoder_depth).eval()
+            parts[f"pixel decoder ({args.decoder_depth} blocks)"] = decoder
+    print(f"HiViT {args.size} ({args.layout} layout): {arch}")
+    total = 0
+    for name, module in parts.items():
+        n = sum(p.numel() for p in module.parameters())
+        total += n
+        print(f"  params  {name:<32s} {fmt(n):>10s}")
+    print(f"  params  {'total':<32s} {fmt(total):>10s}")
+
+    x = torch.zeros(1, 3, args.input_size, args.input_size)
+    with torch.no_grad():
+        enc = flop_count_analysis(net, (x,)).total()
+        feats = net(x)
+        pyr = flop_count_analysis(pyramid, feats).total()
+    print(f"  FLOPs   encoder at {args.input_size}x{args.input_size}, unmasked   {enc / 1e9:.2f}G")
+    print(f"  FLOPs   pyramid at {args.input_size}x{args.input_size}, unmasked   {pyr / 1e9:.2f}G")
+
+
+def analyze_config(args) -> None:
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    model = instantiate(cfg.model).eval()
+    print(f"{args.config_file}: parameters per part")
+    for name, n in param_table(model, args.depth):
+        print(f"  {name:<48s} {fmt(n):>10s}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", help="a LazyConfig; counts cfg.model per sub-module")
+    p.add_argument("--depth", type=int, default=2, help="module depth of the per-part table (--config-file)")
+    p.add_argument("--size", default="base", help="tiny | small | base | large")
+    p.add_argument("--layout", default="official", help="official | mmpretrain")
+    p.add_argument("--fpn-dim", type=int, default=256)
+    p.add_argument("--fpn-depth", type=int, default=2)
+    p.add_argument("--decoder-depth", type=int, default=0, help="also count a pixel decoder of this depth")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value (--config-file)")
+    args = p.parse_args(argv)
+    if args.config_file:
+        analyze_config(args)
+    else:
+        analyze_arch(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""
+Visualise what an iTPN pre-training model reconstructs.
+
+For each input image, writes ``OUTPUT/<name>.png``:
+original | masked input (masked units grey) | reconstruction | reconstruction with the
+visible units pasted back. The masks come from the model's eval-mode generator
+(``model.eval_mask_seed``), so figures are reproducible.
+
+Example:
+    python tools/visualize_reconstruction.py \\
+        --config-file configs/pretrain/itpn_tiny_pixel_cpu.py \\
+        --checkpoint output/pretrain/model_final.pth \\
+        --input datasets/itpn_synthetic/unlabeled --output output/recon \\
+        train.device=cpu
+"""
+import argparse
+import logging
+import os
+import sys
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.utils.logger import setup_logger
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from itpn_d2.data.image_folder import IMAGE_EXTENSIONS, load_image_folder  # noqa: E402
+from itpn_d2.utils.visualize_mim import load_eval_image, panels_from_model_output  # noqa: E402
+
+logger = logging.getLogger("itpn_d2.visualize_reconstruction")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, metavar="FILE", help="pre-training LazyConfig")
+    p.add_argument("--checkpoint", default="", help="pre-training checkpoint (.pth); empty: random weights")
+    p.add_argument("--input", required=True, help="an image file or a folder (searched recursively)")
+    p.add_argument("--output", required=True, help="folder for the PNGs (created)")
+    p.add_argument("--max-images", type=int, default=16, help="at most this many images from a folder")
+    p.add_argument(
+        "--size", type=int, default=None,
+        help="input side (shorter side resized, centre crop); default: the config's mapper image_size or 224",
+    )
+    p.add_argument("--device", default=None, help="default: train.device of the config, else cpu")
+    p.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="config overrides key=value")
+    return p
+
+
+def _input_files(path: str, max_images: int):
+    if os.path.isdir(path):
+        return [d["file_name"] for d in load_image_folder(path)][:max_images]
+    if os.path.isfile(path):
+        return [path]
+    raise FileNotFoundError(f"--input '{path}' is neither an image file nor a folder")
+
+
+def _output_name(file_name: str, root: str) -> str:
+    rel = os.path.relpath(file_name, root) if os.path.isdir(root) else os.path.basename(file_name)
+    stem = os.path.splitext(rel)[0].replace(os.sep, "__")
+    return stem + ".png"
+
+
+def _load_weights(model, path: str) -> None:
+    if not path:
+        logger.warning("No --checkpoint given: visualising a randomly initialised model.")
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--checkpoint '{path}' does not exist")
+    try:
+        from itpn_d2.checkpoint import ITPNCheckpointer as Checkpointer
+    except ImportError:
+        from detectron2.checkpoint import DetectionCheckpointer as Checkpointer
+    Checkpointer(model).load(path)
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    setup_logger(name="itpn_d2")
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts or [])
+    size = args.size
+    if size is None:
+        try:
+            size = int(cfg.dataloader.train.mapper.image_size)
+        except Exception:
+            size = 224
+    device = args.device or cfg.get("train", {}).get("device", "cpu")
+
+    model = instantiate(cfg.model)
+    _load_weights(model, args.checkpoint)
+    model.to(device).eval()
+    if not hasattr(model, "reconstruct") and not hasattr(model, "pixel_decoder"):
+        logger.warning(f"{type(model).__name__} does not look like a pre-training model")
+
+    files = _input_files(args.input, args.max_images)
+    os.makedirs(args.output, exist_ok=True)
+    written = []
+    for f in files:
+        try:
+            image = load_eval_image(f, size)
+        except Exception as e:
+            logger.warning(f"Skipping unreadable image '{f}' ({type(e).__name__}: {e})")
+            continue
+        with torch.no_grad():
+            out = model([{"image": image.to(device)}])
+        (panel,) = panels_from_model_output(
+            out,
+            unit=getattr(model, "unit_size", 16),
+            pixel_mean=getattr(model, "pixel_mean", None),
+            pixel_std=getattr(model, "pixel_std", None),
+            norm_pix=getattr(model, "norm_pix_loss", True),
+        )
+        dst = os.path.join(args.output, _output_name(f, args.input))
+        Image.fromarray(panel).save(dst)
+        written.append(dst)
+        logger.info(f"{f} -> {dst}")
+    if not written:
+        raise RuntimeError(f"no readable image in '{args.input}' (extensions {list(IMAGE_EXTENSIONS)})")
+    logger.info(f"Wrote {len(written)} reconstruction figure(s) to {args.output}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
