@@ -5,5 +5,6 @@ with detectron2's registries.
 """
 from . import modeling  # noqa: F401  (registers ITPNBackbone, meta-architectures)
 from . import data  # noqa: F401  (registers the built-in datasets)
+from . import evaluation  # noqa: F401
 
 __version__ = "0.1.0"

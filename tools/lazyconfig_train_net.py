@@ -5,8 +5,10 @@ plus what iTPN users on CPU need.
 Additions over detectron2's script (our configs also run under the stock one):
 * ``train.amp.enabled=True`` on CPU runs the forward pass under bf16 autocast
   (detectron2's AMPTrainer is CUDA-only); ``train.amp.dtype`` may name another dtype.
-* ``train.init_checkpoint`` is loaded with :func:`itpn_d2.checkpoint.load_pretrained`
-  when available, which refuses a checkpoint whose backbone keys do not match.
+* ``train.init_checkpoint`` is loaded by :class:`itpn_d2.checkpoint.ITPNCheckpointer`, which
+  refuses a checkpoint whose backbone keys are missing or mis-shaped and lists them
+  (``train.backbone_load``: strict | encoder_only | partial).
+* ``train.extra_hooks``: a list of LazyCall hooks (e.g. ``ReconstructionVisualizer``).
 
 Examples::
 
@@ -19,7 +21,6 @@ import os
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -37,6 +38,7 @@ from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itpn_d2  # noqa: E402,F401  (registers backbones, meta-archs, datasets)
+from itpn_d2.checkpoint import ITPNCheckpointer  # noqa: E402
 from itpn_d2.engine.trainer import AutocastTrainer  # noqa: E402
 
 logger = logging.getLogger("itpn_d2")
@@ -64,10 +66,8 @@ def build_trainer(cfg, model, train_loader, optim):
 
 
 def make_checkpointer(cfg, model, **kwargs):
-    try:
-        from itpn_d2.checkpoint import ITPNCheckpointer
-    except ImportError:  # the stock checkpointer still works, without the strict backbone check
-        return DetectionCheckpointer(model, cfg.train.output_dir, **kwargs)
+    """Loads ``train.init_checkpoint`` refusing missing / mis-shaped backbone tensors
+    (``train.backbone_load``: strict | encoder_only | partial); saves like detectron2's."""
     return ITPNCheckpointer(model, cfg.train.output_dir, backbone_load=cfg.train.get("backbone_load", "strict"), **kwargs)
 
 

@@ -63,12 +63,12 @@ class ITPNBackbone(Backbone):
     def from_config(cls, cfg, input_shape: ShapeSpec):
         """For yacs configs (``MODEL.BACKBONE.NAME = "ITPNBackbone"``): reads
         ``MODEL.ITPN.{SIZE, LAYOUT, FPN_DIM, FPN_DEPTH, DROP_PATH_RATE}`` when present
-        (defaults base, official, 256, 1, 0.0). LazyConfig users pass modules directly."""
+        (defaults base, official, 256, 2, 0.0; depth 2 is the pre-training depth). LazyConfig users pass modules directly."""
         itpn = cfg.MODEL.get("ITPN", None) or {}
         arch = hivit_arch(itpn.get("SIZE", "base"), itpn.get("LAYOUT", "official"))
         net = HiViT(**arch, in_chans=input_shape.channels, drop_path_rate=itpn.get("DROP_PATH_RATE", 0.0))
         pyramid = FeaturePyramid(
-            embed_dim=net.embed_dim, out_dim=itpn.get("FPN_DIM", 256), depth=itpn.get("FPN_DEPTH", 1)
+            embed_dim=net.embed_dim, out_dim=itpn.get("FPN_DIM", 256), depth=itpn.get("FPN_DEPTH", 2)
         )
         return {"net": net, "pyramid": pyramid}
 

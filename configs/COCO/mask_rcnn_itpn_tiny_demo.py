@@ -1,0 +1,78 @@
+"""Mask R-CNN, iTPN-tiny, on the built-in generated data (``itpn_synthetic_*``): the CPU
+fine-tuning stage of ``make demo`` and of the integral-vs-backbone-only experiment.
+
+    python tools/lazyconfig_train_net.py --config-file configs/COCO/mask_rcnn_itpn_tiny_demo.py \
+        train.init_checkpoint=output/demo/pretrain/model_final.pth
+
+Everything a full COCO config has, scaled for 2 CPU cores: the tiny HiViT (192 wide,
+1/1/6 blocks), a 64-channel pyramid (as ``configs/pretrain/mim_mfm_itpn_tiny_cpu.py``,
+so its checkpoint loads with zero missing pyramid tensors), lighter heads, 256 px images,
+anchors one octave smaller (the shapes are 14-90 px), and COCOEvaluator's pure-Python path.
+"""
+import detectron2.data.transforms as T
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.evaluation import COCOEvaluator
+
+from itpn_d2.modeling import hivit_arch
+
+from ..common.coco_schedule import step_schedule
+from ..common.models.mask_rcnn_itpn import model
+from ..common.optim import AdamW as optimizer
+
+FPN_DIM = 64
+MAX_ITER = 600
+
+# --- model -------------------------------------------------------------------------
+model.backbone.net.update(hivit_arch("tiny", "official"))
+model.backbone.net.drop_path_rate = 0.05
+model.backbone.pyramid.out_dim = FPN_DIM
+model.proposal_generator.head.in_channels = FPN_DIM
+model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
+model.proposal_generator.pre_nms_topk = (1000, 500)
+model.proposal_generator.post_nms_topk = (500, 200)
+model.roi_heads.num_classes = 6
+model.roi_heads.batch_size_per_image = 128
+model.roi_heads.box_head.input_shape.channels = FPN_DIM
+model.roi_heads.box_head.conv_dims = [FPN_DIM] * 4
+model.roi_heads.box_head.fc_dims = [256]
+model.roi_heads.box_predictor.input_shape.channels = 256
+model.roi_heads.box_predictor.test_topk_per_image = 50
+model.roi_heads.mask_head.input_shape.channels = FPN_DIM
+model.roi_heads.mask_head.conv_dims = [FPN_DIM] * 5
+
+# --- data --------------------------------------------------------------------------
+dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+dataloader.train.dataset.names = "itpn_synthetic_train"
+dataloader.test.dataset.names = "itpn_synthetic_val"
+dataloader.train.mapper.image_format = dataloader.test.mapper.image_format = "RGB"
+dataloader.train.mapper.instance_mask_format = "bitmask"  # the generator writes RLE masks (rings have holes)
+dataloader.train.mapper.augmentations = [
+    L(T.RandomFlip)(horizontal=True),
+    L(T.ResizeShortestEdge)(short_edge_length=(224, 256, 288), max_size=512, sample_style="choice"),
+]
+dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=256, max_size=512)]
+dataloader.train.total_batch_size = 4
+dataloader.train.num_workers = 2
+dataloader.test.num_workers = 2
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    use_fast_impl=False,  # the C++ COCOeval is not in the registry's detectron2
+    output_dir="${...train.output_dir}/inference",
+)
+
+# --- schedule ------------------------------------------------------------------------
+train = model_zoo.get_config("common/train.py").train
+train.init_checkpoint = ""  # random init; the demo passes the pre-training checkpoint
+train.backbone_load = "strict"
+train.output_dir = "./output/demo/finetune"
+train.device = "cpu"
+train.amp.enabled = False
+train.max_iter = MAX_ITER
+train.eval_period = MAX_ITER
+train.log_period = 20
+train.checkpointer.period = 200
+
+optimizer.lr = 2e-4
+optimizer.params.lr_factor_func.lr_decay_rate = 0.9
+lr_multiplier = step_schedule(MAX_ITER, [int(0.8 * MAX_ITER), int(0.93 * MAX_ITER)], warmup_iters=50)

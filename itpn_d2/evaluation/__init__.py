@@ -1,0 +1,3 @@
+from .sem_seg import build_sem_seg_evaluator, sem_seg_loading_fn
+
+__all__ = ["build_sem_seg_evaluator", "sem_seg_loading_fn"]

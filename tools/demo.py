@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Run an iTPN model on images, a folder or a video and write the detectron2
+``Visualizer`` rendering (instances or semantic segmentation), in the style of
+detectron2's ``demo/demo.py``, for LazyConfig ``.py`` configs. CPU by default.
+
+Examples::
+
+    python tools/demo.py --config-file configs/COCO/mask_rcnn_itpn_base_1x.py \
+        --input img1.jpg img2.jpg --output out/ --opts train.init_checkpoint=model_final.pth
+    python tools/demo.py --config-file configs/ADE20K/uper_itpn_base_160k.py \
+        --input "photos/*.jpg" --output out/ --bf16 --opts train.init_checkpoint=uper.pth
+    python tools/demo.py --config-file cfg.py --video-input clip.mp4 --output clip_vis.mp4
+
+``--input`` takes files, folders (every image inside) or quoted glob patterns.
+``--opts`` are LazyConfig overrides (``key=value``); ``train.device`` defaults to
+``cpu`` here, pass ``train.device=cuda`` for a GPU.
+"""
+
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+import tqdm
+from detectron2.config import LazyConfig
+from detectron2.utils.logger import setup_logger
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import itpn_d2  # noqa: E402,F401  (registers the backbone and heads)
+from itpn_d2.utils.predictor import LazyPredictor, metadata_for, visualize  # noqa: E402
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="iTPN detectron2 demo")
+    p.add_argument("--config-file", required=True, metavar="FILE", help="a LazyConfig .py file")
+    p.add_argument("--input", nargs="+", help="image files, folders, or glob patterns")
+    p.add_argument("--video-input", help="a video file")
+    p.add_argument(
+        "--output",
+        help="a folder for the renderings, or a file name when there is one input image / a video; "
+        "without it, nothing is written and the timings are printed",
+    )
+    p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn instances")
+    p.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast (CPU or GPU)")
+    p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="LazyConfig overrides key=value")
+    return p
+
+
+def expand_inputs(inputs):
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(f for f in glob.glob(os.path.join(item, "*")) if f.lower().endswith(IMAGE_EXTS))
+        else:
+            found = sorted(glob.glob(os.path.expanduser(item)))
+        if not found:
+            raise FileNotFoundError(f"--input {item!r}: no image files found")
+        files.extend(found)
+    return files
+
+
+def setup_cfg(args):
+    cfg = LazyConfig.load(args.config_file)
+    if "train" not in cfg:  # a model-only config, e.g. configs/common/models/*.py
+        cfg.train = {"init_checkpoint": ""}
+    cfg.train.device = "cpu"  # the demo's default; --opts train.device=cuda overrides it
+    cfg = LazyConfig.apply_overrides(cfg, list(args.opts))
+    # Drop detections under the threshold already in the box predictor, as detectron2's demo does.
+    predictor = cfg.model.get("roi_heads", {}).get("box_predictor", None)
+    if predictor is not None and "test_score_thresh" in predictor:
+        predictor.test_score_thresh = args.confidence_threshold
+    return cfg
+
+
+def load_weights(model, cfg, logger):
+    path = cfg.train.get("init_checkpoint", "") if "train" in cfg else ""
+    if not path:
+        logger.warning("no train.init_checkpoint given: the model has random weights")
+        return
+    from itpn_d2.checkpoint import ITPNCheckpointer
+
+    ITPNCheckpointer(model, backbone_load=cfg.train.get("backbone_load", "strict")).load(path, checkpointables=[])
+
+
+def output_path(output, input_path, n_inputs):
+    if os.path.isdir(output) or n_inputs > 1 or output.endswith(os.sep):
+        os.makedirs(output, exist_ok=True)
+        return os.path.join(output, os.path.basename(input_path))
+    parent = os.path.dirname(output)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    return output
+
+
+def run_images(args, predictor, metadata, logger):
+    files = expand_inputs(args.input)
+    for path in tqdm.tqdm(files, disable=not args.output):
+        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        if img is None:
+            raise ValueError(f"cannot read image {path}")
+        t = time.time()
+        pred = predictor(img)
+        logger.info(f"{path}: {_describe(pred)} in {time.time() - t:.2f}s")
+        if args.output:
+            vis = visualize(img, pred, metadata, args.confidence_threshold)
+            out = output_path(args.output, path, len(files))
+            if not cv2.imwrite(out, vis[:, :, ::-1]):
+                raise OSError(f"cannot write {out}")
+
+
+def run_video(args, predictor, metadata, logger):
+    from detectron2.utils.video_visualizer import VideoVisualizer
+
+    cap = cv2.VideoCapture(args.video_input)
+    if not cap.isOpened():
+        raise FileNotFoundError(f"--video-input {args.video_input!r}: cannot open")
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    writer = None
+    if args.output:
+        out = args.output
+        if os.path.isdir(out):
+            out = os.path.join(out, os.path.splitext(os.path.basename(args.video_input))[0] + ".mkv")
+        fourcc = cv2.VideoWriter_fourcc(*("mp4v" if out.endswith(".mp4") else "MJPG"))
+        writer = cv2.VideoWriter(out, fourcc, fps, (w, h), True)
+        if not writer.isOpened():
+            raise OSError(f"cannot write video {out}")
+    vv = VideoVisualizer(metadata)
+    n = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        pred = predictor(frame)
+        rgb = frame[:, :, ::-1]
+        if "instances" in pred:
+            inst = pred["instances"].to("cpu")
+            inst = inst[inst.scores >= args.confidence_threshold] if inst.has("scores") else inst
+            vis = vv.draw_instance_predictions(rgb, inst)
+        elif "sem_seg" in pred:
+            vis = vv.draw_sem_seg(rgb, pred["sem_seg"].argmax(dim=0).cpu())
+        else:
+            raise KeyError(f"nothing to draw: predictions have keys {sorted(pred)}")
+        if writer is not None:
+            writer.write(vis.get_image()[:, :, ::-1])
+        n += 1
+    cap.release()
+    if writer is not None:
+        writer.release()
+    logger.info(f"{args.video_input}: {n} frames")
+
+
+def _describe(pred):
+    if "instances" in pred:
+        return f"{len(pred['instances'])} instances"
+    if "sem_seg" in pred:
+        return f"sem_seg {tuple(pred['sem_seg'].shape)}"
+    return ", ".join(pred)
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if bool(args.input) == bool(args.video_input):
+        raise SystemExit("give exactly one of --input and --video-input")
+    setup_logger(name="fvcore")
+    logger = setup_logger(name="itpn_d2.demo")
+    cfg = setup_cfg(args)
+    predictor = LazyPredictor(cfg, bf16=args.bf16)
+    load_weights(predictor.model, cfg, logger)
+    metadata = metadata_for(cfg)
+    if args.input:
+        run_images(args, predictor, metadata, logger)
+    else:
+        run_video(args, predictor, metadata, logger)
+
+
+if __name__ == "__main__":
+    main()
