@@ -182,6 +182,22 @@ def ensure_registered_synthetic(name: str) -> Dict:
     return ensure_synthetic(meta.synthetic_root, SyntheticSpec(**meta.synthetic_spec))
 
 
+def _register_default() -> None:
+    """Default names at the default root. If data was already generated there (e.g. by
+    ``datasets/generate_synthetic.py`` with other sizes), adopt its arguments instead of
+    regenerating it with the defaults."""
+    from .synthetic import GENERATOR_VERSION, read_manifest
+
+    manifest = read_manifest(default_synthetic_root())
+    if manifest and manifest.get("version") == GENERATOR_VERSION and isinstance(manifest.get("spec"), dict):
+        try:
+            register_synthetic(**manifest["spec"])
+            return
+        except (TypeError, ValueError):
+            pass  # a manifest from another layout: fall back to the defaults (regenerated on use)
+    register_synthetic()
+
+
 # Register the default names on import, like detectron2.data.datasets.builtin (cheap: no generation).
 if __name__.endswith(".builtin"):
-    register_synthetic()
+    _register_default()

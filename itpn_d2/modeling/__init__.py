@@ -4,3 +4,7 @@ from .backbone import ITPNBackbone
 from .seg_backbone import ITPNSegBackbone, itpn_seg_output_shape
 from .uper_head import UPerHead
 from .slide_segmentor import SlidingWindowSemanticSegmentor
+from .masking import BlockMaskGenerator, RandomMaskGenerator
+from .decoder import LevelDecoder, PixelDecoder
+from .teacher import EMATeacher, ExternalTeacher
+from .pretrainer import MaskedPretrainer

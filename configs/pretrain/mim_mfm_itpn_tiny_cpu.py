@@ -1,0 +1,37 @@
+"""A tiny MIM + MFM (EMA teacher) run that trains on a laptop CPU in minutes, on the
+generated ``itpn_synthetic_unlabeled`` images at 64 px (4x4 units).
+
+    python tools/lazyconfig_train_net.py --config-file configs/pretrain/mim_mfm_itpn_tiny_cpu.py
+"""
+from detectron2.config import LazyCall as L
+
+from .mim_itpn_base_800ep import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401
+from ..common.pretrain_schedule import set_schedule
+from itpn_d2.modeling import hivit_arch
+from itpn_d2.modeling.decoder import LevelDecoder
+from itpn_d2.modeling.teacher import EMATeacher
+
+IMG = 64
+model.backbone.net.update(hivit_arch("tiny", "official"))
+model.backbone.net.pretrain_img_size = IMG
+model.backbone.pyramid.out_dim = 64
+model.pixel_decoder.update(dec_dim=64, depth=1, num_heads=4)
+model.mfm_decoder = L(LevelDecoder)(
+    in_dim=64, out_dims=(64, 64, 64), dec_dim=64, depth=1, num_heads=4, pretrain_img_size=IMG
+)
+model.teacher = L(EMATeacher)(momentum=0.99, end_momentum=1.0, max_iter=0)
+
+dataloader.train.dataset.names = "itpn_synthetic_unlabeled"
+dataloader.train.mapper.image_size = IMG
+dataloader.train.total_batch_size = 8
+dataloader.train.num_workers = 2
+
+train.device = "cpu"
+train.amp.enabled = False
+train.output_dir = "./output/pretrain/mim_mfm_itpn_tiny_cpu"
+train.checkpointer.period = 100
+train.log_period = 20
+set_schedule(
+    optimizer, lr_multiplier, train, model=model,
+    blr=1e-3 * 256 / 8, total_batch=8, epochs=300, warmup_epochs=15, images_per_epoch=8,
+)  # 300 iterations ("epochs" of one batch) at lr 1e-3: a higher blr than ImageNet's so tiny runs move

@@ -1,0 +1,340 @@
+"""MaskedPretrainer: iTPN's integral pre-training (MIM + MFM) as a detectron2 meta-architecture.
+
+The model holds the detector's very backbone class under ``backbone`` (HiViT ``net``
++ ``pyramid``); everything only pre-training needs sits beside it:
+
+    backbone        ITPNBackbone     -> keys ``backbone.net.*``, ``backbone.pyramid.*`` (= the detector's)
+    pixel_decoder   PixelDecoder (fused, the release's) or LevelDecoder (per-level pixels) or None
+    mfm_decoder     LevelDecoder predicting teacher features per level, or None
+    teacher         EMATeacher / ExternalTeacher, or None
+
+One training step:
+    1. images (0-255 RGB) -> normalised; units masked by ``mask_generator`` (exact,
+       equal counts per sample); masked units are DROPPED before HiViT's first block.
+    2. the backbone gives the visible units' pyramid (p4, p8, p16 in unit layout).
+    3. MIM: the pixel decoder predicts every unit; loss on masked units only
+       (normalised pixels per unit, or per level token in per-level mode).
+    4. MFM: the teacher (full image, no grad) gives per-level targets, normalised by a
+       non-affine LayerNorm; the MFM decoder predicts them; loss on masked units only.
+
+No leak: the only path from the pixels of a masked unit into the student is through
+its own tokens, which are dropped before the first block, so nothing of a masked
+unit reaches any visible feature or any student prediction (the tests check it).
+"""
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils.events import get_event_storage
+
+from .backbone import ITPNBackbone
+from .decoder import LEVEL_NAMES, LEVEL_STRIDES, LevelDecoder, PixelDecoder
+from .teacher import EMATeacher
+
+__all__ = ["MaskedPretrainer", "patchify_units", "norm_targets"]
+
+
+def _current_storage():
+    try:
+        return get_event_storage()
+    except AssertionError:  # no EventStorage active (plain scripts, tests)
+        return None
+
+
+def patchify_units(images: torch.Tensor, unit_size: int, k: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, k, k, s*s*C) with s = unit_size // k: each unit's k x k tokens,
+    each token's pixels in (row, col, channel) order. k = 1 gives MAE's (B, N, 1, 1, 16*16*C)."""
+    B, C, H, W = images.shape
+    s = unit_size // k
+    h, w = H // unit_size, W // unit_size
+    x = images.reshape(B, C, h, k, s, w, k, s)
+    x = x.permute(0, 2, 5, 3, 6, 4, 7, 1)  # B, h, w, k(row), k(col), s(row), s(col), C
+    return x.reshape(B, h * w, k, k, s * s * C)
+
+
+def norm_targets(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-token normalisation over the last dim: ``(t - mean) / sqrt(var + eps)``
+    (MAE's norm-pix loss; for features, a non-affine LayerNorm)."""
+    mean = t.mean(dim=-1, keepdim=True)
+    var = t.var(dim=-1, keepdim=True, unbiased=False)
+    return (t - mean) / (var + eps) ** 0.5
+
+
+@META_ARCH_REGISTRY.register()
+class MaskedPretrainer(nn.Module):
+    """Masked image modelling (pixels) + masked feature modelling (teacher features)."""
+
+    def __init__(
+        self,
+        *,
+        backbone: ITPNBackbone,
+        mask_generator,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        pixel_decoder: Optional[Union[PixelDecoder, LevelDecoder]] = None,
+        mfm_decoder: Optional[LevelDecoder] = None,
+        teacher: Optional[nn.Module] = None,
+        mask_ratio: float = 0.75,
+        mim_weights: Union[float, Sequence[float]] = 1.0,
+        mfm_weights: Sequence[float] = (1.0, 1.0, 1.0),
+        norm_pix_loss: bool = True,
+        mfm_loss: str = "smooth_l1",
+        eval_mask_seed: int = 0,
+    ):
+        """
+        Args:
+            backbone: the ITPNBackbone being pre-trained (kept as ``self.backbone``).
+            mask_generator: ``RandomMaskGenerator()`` or ``BlockMaskGenerator(...)``.
+            pixel_mean, pixel_std: 0-255 RGB normalisation of the input (3 values each).
+            pixel_decoder: None (no MIM), a ``PixelDecoder`` (one fused loss ``loss_mim``)
+                or a ``LevelDecoder`` with ``out_dims = (4*4*3, 8*8*3, 16*16*3)``
+                (per-level losses ``loss_mim_p2/p3/p4``).
+            mfm_decoder: None (no MFM) or a ``LevelDecoder`` with ``out_dims`` all equal
+                to the teacher's width; losses ``loss_mfm_p2/p3/p4``.
+            teacher: ``EMATeacher`` (bound here to a copy of ``backbone``) or
+                ``ExternalTeacher``; required with ``mfm_decoder``.
+            mask_ratio: fraction of units masked (exact count per sample).
+            mim_weights: a float for the fused decoder; 3 floats (p2, p3, p4) per level.
+            mfm_weights: 3 floats (p2, p3, p4); a 0 weight skips that level.
+            norm_pix_loss: normalise pixel targets per unit (fused) / per token (per level).
+            mfm_loss: "smooth_l1" (beta 1, as the iTPN CLIP variant) or "mse".
+            eval_mask_seed: seed of the masks drawn in eval mode (reproducible figures).
+        """
+        super().__init__()
+        if pixel_decoder is None and mfm_decoder is None:
+            raise ValueError("MaskedPretrainer needs a pixel_decoder, an mfm_decoder, or both")
+        if (mfm_decoder is None) != (teacher is None):
+            raise ValueError("MaskedPretrainer: mfm_decoder and teacher go together (both set or both None)")
+        if mfm_loss not in ("smooth_l1", "mse"):
+            raise ValueError(f"MaskedPretrainer.mfm_loss must be 'smooth_l1' or 'mse', got {mfm_loss!r}")
+        self.backbone = backbone
+        self.pixel_decoder = pixel_decoder
+        self.mfm_decoder = mfm_decoder
+        self.teacher = teacher
+        self.mask_generator = mask_generator
+        self.mask_ratio = mask_ratio
+        self.unit_size = backbone.net.unit_size
+        self.norm_pix_loss = norm_pix_loss
+        self.mfm_loss = mfm_loss
+        self.eval_mask_seed = eval_mask_seed
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+        self.per_level_mim = isinstance(pixel_decoder, LevelDecoder)
+        if self.per_level_mim:
+            want = tuple((s * s * 3) for s in LEVEL_STRIDES)
+            if tuple(pixel_decoder.out_dims) != want:
+                raise ValueError(f"per-level pixel_decoder.out_dims must be {want}, got {pixel_decoder.out_dims}")
+            # LazyConfig hands lists over as ListConfig: test for a number, not for list/tuple.
+            scalar = isinstance(mim_weights, (int, float))
+            mim_weights = (float(mim_weights),) * 3 if scalar else tuple(float(w) for w in mim_weights)
+            if len(mim_weights) != 3:
+                raise ValueError(f"mim_weights for a per-level decoder needs 3 values, got {mim_weights}")
+        elif pixel_decoder is not None and not isinstance(mim_weights, (int, float)):
+            raise ValueError(f"mim_weights for the fused PixelDecoder is one float, got {mim_weights}")
+        self.mim_weights = mim_weights
+        if len(mfm_weights) != 3:
+            raise ValueError(f"mfm_weights needs 3 values (p2, p3, p4), got {mfm_weights}")
+        self.mfm_weights = tuple(float(w) for w in mfm_weights)
+
+        if teacher is not None:
+            teacher.bind(self.backbone)
+            if any(d != teacher.out_dim for d in mfm_decoder.out_dims):
+                raise ValueError(
+                    f"mfm_decoder.out_dims {mfm_decoder.out_dims} must all equal the teacher's width {teacher.out_dim}"
+                )
+        self._local_iter = 0  # used only when no EventStorage is active
+        self._skipped_total = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> torch.Tensor:
+        """Stack the (3, H, W) 0-255 RGB ``image`` fields into a normalised (B, 3, H, W) batch."""
+        images = [d["image"] for d in batched_inputs]
+        shapes = {tuple(im.shape) for im in images}
+        if len(shapes) != 1:
+            raise ValueError(f"MaskedPretrainer: all images of a batch must have one size, got {sorted(shapes)}")
+        (shape,) = shapes
+        if len(shape) != 3 or shape[0] != 3 or shape[1] % self.unit_size or shape[2] % self.unit_size:
+            raise ValueError(
+                f"MaskedPretrainer: 'image' must be (3, H, W) with H, W multiples of {self.unit_size}, got {shape}"
+            )
+        x = torch.stack([im.to(self.device, non_blocking=True) for im in images]).float()
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def make_mask(self, batch_size: int, grid, generator: Optional[torch.Generator] = None):
+        """(ids_keep (B, N_vis), mask (B, N) bool True = masked) from the mask generator."""
+        return self.mask_generator(batch_size, grid, self.mask_ratio, device=self.device, generator=generator)
+
+    def predict(self, images: torch.Tensor, ids_keep: torch.Tensor) -> Dict[str, object]:
+        """The student alone, for a given mask.
+
+        Args:
+            images: (B, 3, H, W) normalised.
+            ids_keep: (B, N_vis) kept unit indices (sorted raster order).
+        Returns a dict:
+            "encoder": (f4, f8, f16) HiViT outputs of the kept units,
+            "pyramid": (p4, p8, p16) pyramid of the kept units,
+            "mim": (B, N, 768) fused pixel prediction, or [p2, p3, p4] per-level predictions
+                (B, N, k, k, s*s*3), or None,
+            "mfm": [p2, p3, p4] (B, N, k, k, T) teacher-feature predictions, or None.
+        """
+        grid = (images.shape[-2] // self.unit_size, images.shape[-1] // self.unit_size)
+        enc = self.backbone.net(images, ids_keep)
+        pyr = self.backbone.pyramid(*enc)
+        mim = self.pixel_decoder(pyr, ids_keep, grid) if self.pixel_decoder is not None else None
+        mfm = self.mfm_decoder(pyr, ids_keep, grid) if self.mfm_decoder is not None else None
+        return {"encoder": enc, "pyramid": pyr, "mim": mim, "mfm": mfm}
+
+    def pixel_targets(self, images: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Fused: (B, N, 768); per level: [(B, N, 4, 4, 48), (B, N, 2, 2, 192), (B, N, 1, 1, 768)]."""
+        if self.per_level_mim:
+            ts = [patchify_units(images, self.unit_size, 16 // s) for s in LEVEL_STRIDES]
+            return [norm_targets(t) for t in ts] if self.norm_pix_loss else ts
+        t = patchify_units(images, self.unit_size, 1).flatten(1, 3)
+        return norm_targets(t) if self.norm_pix_loss else t
+
+    def unit_losses(
+        self, images: torch.Tensor, out: Dict[str, object], teacher_targets=None
+    ) -> Dict[str, torch.Tensor]:
+        """Per-unit loss maps (B, N) for every active term (before masking and weighting):
+        "mim" (fused) or "mim_p2".."mim_p4", and "mfm_p2".."mfm_p4"."""
+        maps = {}
+        if out["mim"] is not None:
+            tgt = self.pixel_targets(images)
+            if self.per_level_mim:
+                for name, p, t in zip(LEVEL_NAMES, out["mim"], tgt):
+                    maps[f"mim_{name}"] = (p.float() - t).pow(2).mean(dim=(2, 3, 4))
+            else:
+                maps["mim"] = (out["mim"].float() - tgt).pow(2).mean(dim=-1)
+        if out["mfm"] is not None and teacher_targets is not None:
+            for i, (name, p, t) in enumerate(zip(LEVEL_NAMES, out["mfm"], teacher_targets)):
+                if self.mfm_weights[i] == 0:
+                    continue
+                t = norm_targets(t.float())
+                if self.mfm_loss == "mse":
+                    err = F.mse_loss(p.float(), t, reduction="none")
+                else:
+                    err = F.smooth_l1_loss(p.float(), t, reduction="none", beta=1.0)
+                maps[f"mfm_{name}"] = err.mean(dim=(2, 3, 4))
+        return maps
+
+    def _iteration(self) -> int:
+        storage = _current_storage()
+        return storage.iter if storage is not None else self._local_iter
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: list of dicts (detectron2's format), each with
+                "image": (3, H, W) float/uint8 tensor, 0-255 RGB, H and W multiples of 16,
+                all of one size; optional "skipped_images": int (files the mapper skipped),
+                summed and logged as ``skipped_images`` (and the running ``skipped_images_total``).
+
+        Returns:
+            training: dict of scalar loss tensors only (detectron2 sums all values):
+                ``loss_mim`` (fused) or ``loss_mim_p2/p3/p4`` (per level), and
+                ``loss_mfm_p2/p3/p4`` (levels with non-zero weight). Each is the
+                weighted mean over masked units. ``mask_ratio``, ``ema_momentum`` and
+                ``skipped_images`` go to the active EventStorage.
+            eval: dict of tensors for the reconstruction visualiser (masks are drawn
+                with a CPU generator seeded by ``eval_mask_seed``, so repeated calls agree):
+                "image": (B, 3, H, W) the input, 0-255 RGB (float);
+                "mask": (B, H/16, W/16) bool, True = masked unit;
+                "target": (B, 3, H, W) what the loss compares to, as an image in 0-255 RGB
+                    (with norm-pix loss each unit is normalised, then mapped back with the
+                    unit's own mean/std, i.e. equal to "image");
+                "pred_pixels": (B, 3, H, W) the reconstruction of EVERY unit in 0-255 RGB
+                    (with norm-pix loss, de-normalised with each unit's mean/std of the
+                    original image, as MAE's visualisation does); per-level decoders use the
+                    finest level (p2); absent without a pixel decoder;
+                "pred_pixels_levels": {"p2","p3","p4": (B, 3, H, W)} per-level mode only.
+        """
+        images = self.preprocess_image(batched_inputs)
+        B, _, H, W = images.shape
+        grid = (H // self.unit_size, W // self.unit_size)
+        if not self.training:
+            return self.reconstruct(images)
+
+        it = self._iteration()
+        ids_keep, mask = self.make_mask(B, grid)
+        teacher_targets = None
+        momentum = None
+        if self.teacher is not None:
+            if isinstance(self.teacher, EMATeacher):
+                momentum = self.teacher.momentum_at(it)
+                self.teacher.update(self.backbone, momentum=momentum)
+            teacher_targets = self.teacher(images)
+        out = self.predict(images, ids_keep)
+        maps = self.unit_losses(images, out, teacher_targets)
+
+        m = mask.float()
+        denom = m.sum().clamp(min=1.0)
+        losses = {}
+        for name, lmap in maps.items():
+            if name == "mim":
+                w = float(self.mim_weights)
+            elif name.startswith("mim_"):
+                w = self.mim_weights[LEVEL_NAMES.index(name[4:])]
+            else:
+                w = self.mfm_weights[LEVEL_NAMES.index(name[4:])]
+            losses[f"loss_{name}"] = w * (lmap * m).sum() / denom
+
+        self._local_iter += 1
+        storage = _current_storage()
+        if storage is not None:
+            scalars = {"mask_ratio": float(m.mean())}
+            if momentum is not None:
+                scalars["ema_momentum"] = momentum
+            skipped = sum(int(d.get("skipped_images", 0)) for d in batched_inputs)
+            self._skipped_total += skipped
+            scalars["skipped_images"] = skipped
+            scalars["skipped_images_total"] = self._skipped_total  # this process, since start
+            storage.put_scalars(**scalars, smoothing_hint=False)
+        return losses
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> Dict[str, object]:
+        """Eval-mode output for normalised ``images`` (see ``forward``)."""
+        B, _, H, W = images.shape
+        u = self.unit_size
+        grid = (H // u, W // u)
+        gen = torch.Generator().manual_seed(self.eval_mask_seed)
+        ids_keep, mask = self.mask_generator(B, grid, self.mask_ratio, device=self.device, generator=gen)
+        out = self.predict(images, ids_keep)
+        raw = images * self.pixel_std + self.pixel_mean
+        result = {"image": raw, "mask": mask.view(B, *grid), "target": raw.clone()}
+        if out["mim"] is None:
+            return result
+
+        if self.per_level_mim:
+            levels = {
+                n: self.prediction_to_image(p.float(), images, 16 // s)
+                for n, p, s in zip(LEVEL_NAMES, out["mim"], LEVEL_STRIDES)
+            }
+            result["pred_pixels_levels"] = levels
+            result["pred_pixels"] = levels["p2"]
+        else:
+            pred = out["mim"].float().reshape(B, -1, 1, 1, u * u * 3)
+            result["pred_pixels"] = self.prediction_to_image(pred, images, 1)
+        return result
+
+    def prediction_to_image(self, pred: torch.Tensor, images: torch.Tensor, k: int) -> torch.Tensor:
+        """Pixel predictions (B, N, k, k, s*s*3), s = unit_size / k, in the loss's space -> (B, 3, H, W)
+        0-255 RGB. With norm-pix loss each token is de-normalised with the mean/std of the same
+        token of ``images`` (normalised input), as MAE's visualisation does."""
+        B, _, H, W = images.shape
+        u = self.unit_size
+        s = u // k
+        gh, gw = H // u, W // u
+        if self.norm_pix_loss:
+            t = patchify_units(images, u, k)
+            mean = t.mean(-1, keepdim=True)
+            std = (t.var(-1, keepdim=True, unbiased=False) + 1e-6) ** 0.5
+            pred = pred * std + mean
+        x = pred.reshape(B, gh, gw, k, k, s, s, 3).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(B, 3, H, W)
+        return x * self.pixel_std + self.pixel_mean

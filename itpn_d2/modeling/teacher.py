@@ -1,0 +1,236 @@
+"""Teachers for masked feature modelling (MFM).
+
+A teacher sees the FULL, unmasked image and returns one target per pyramid level
+in unit layout: [(B, N, 4, 4, T), (B, N, 2, 2, T), (B, N, 1, 1, T)] for strides
+4, 8, 16 (levels p2, p3, p4). The pre-trainer gathers them at masked units.
+
+``EMATeacher``: an exponential moving average of the online ``ITPNBackbone``
+(encoder + pyramid), targets = its pyramid levels (T = pyramid width).
+
+``ExternalTeacher``: a frozen timm ViT (e.g. a CLIP ViT) loaded from a local
+weights file; its patch tokens (stride 14 or 16) are resized to each level's grid.
+
+Both are bound to the pre-trainer with ``bind(online_backbone)`` and never
+receive gradients; both stay in eval mode whatever ``.train()`` is called with.
+"""
+import copy
+import math
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .hivit import map_to_units
+
+__all__ = ["EMATeacher", "ExternalTeacher", "cosine_momentum"]
+
+
+def cosine_momentum(it: int, max_iter: int, start: float, end: float) -> float:
+    """BYOL/DINO schedule: ``start`` at iteration 0 rising to ``end`` at ``max_iter`` (held after)."""
+    if max_iter <= 0:
+        return end
+    t = min(max(it, 0), max_iter) / max_iter
+    return end - (end - start) * (math.cos(math.pi * t) + 1.0) / 2.0
+
+
+class _FrozenTeacher(nn.Module):
+    def train(self, mode: bool = True):
+        # Teachers are always in inference mode: no drop path, no dropout.
+        super().train(mode)
+        for m in self.children():
+            m.eval()
+        return self
+
+    def bind(self, online: nn.Module) -> None:
+        pass
+
+    def _freeze(self, module: nn.Module) -> None:
+        module.requires_grad_(False)
+        module.eval()
+
+
+class EMATeacher(_FrozenTeacher):
+    """EMA of the online backbone: ``teacher = m * teacher + (1 - m) * online`` per step.
+
+    ``m`` follows :func:`cosine_momentum` from ``momentum`` to ``end_momentum`` over
+    ``max_iter`` iterations. The pre-trainer calls :meth:`update` at the start of each
+    training forward with detectron2's event-storage iteration, so no trainer hook is
+    needed and stock ``tools/lazyconfig_train_net.py`` works; the averaged weights
+    live in the model's state dict (``teacher.model.*``), so ``--resume`` restores them.
+    """
+
+    def __init__(self, *, momentum: float = 0.996, end_momentum: float = 1.0, max_iter: int = 0):
+        """
+        Args:
+            momentum: momentum at iteration 0.
+            end_momentum: momentum at ``max_iter`` (cosine in between).
+            max_iter: schedule length (the training length); 0 keeps ``momentum`` constant.
+        """
+        super().__init__()
+        if not (0.0 <= momentum <= 1.0 and 0.0 <= end_momentum <= 1.0):
+            raise ValueError(f"EMA momentum must be in [0, 1], got {momentum} -> {end_momentum}")
+        self.momentum = momentum
+        self.end_momentum = end_momentum
+        self.max_iter = max_iter
+        self.model: Optional[nn.Module] = None
+        self.last_momentum: Optional[float] = None
+
+    def bind(self, online: nn.Module) -> None:
+        """Make the teacher a frozen deep copy of ``online`` (an ``ITPNBackbone``)."""
+        self.model = copy.deepcopy(online)
+        self._freeze(self.model)
+
+    @property
+    def out_dim(self) -> int:
+        return self.model.pyramid.out_dim
+
+    def momentum_at(self, it: int) -> float:
+        if self.max_iter <= 0:
+            return self.momentum
+        return cosine_momentum(it, self.max_iter, self.momentum, self.end_momentum)
+
+    @torch.no_grad()
+    def update(self, online: nn.Module, *, momentum: float) -> None:
+        """``t = m * t + (1 - m) * o`` for every parameter; buffers are copied."""
+        if self.model is None:
+            raise RuntimeError("EMATeacher.update before bind(online)")
+        t_params = list(self.model.parameters())
+        o_params = [p.detach() for p in online.parameters()]
+        if len(t_params) != len(o_params):
+            raise RuntimeError("EMATeacher: teacher and online models have different parameters")
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
+        for tb, ob in zip(self.model.buffers(), online.buffers()):
+            tb.copy_(ob)
+        self.last_momentum = momentum
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """images: (B, 3, H, W) normalised as the student's input -> [p4, p8, p16] unit layout."""
+        p4, p8, p16 = self.model.forward_units(images)
+        return [p4, p8, p16]
+
+
+class ExternalTeacher(_FrozenTeacher):
+    """A frozen timm ViT (e.g. ``vit_base_patch16_clip_224``) from a local weights file.
+
+    Nothing is downloaded: the model is built with ``pretrained=False`` and the file
+    at ``weights`` is loaded strictly (timm's ViT checkpoint filter first, so OpenAI
+    CLIP / open_clip visual checkpoints convert). Input: the student's normalised
+    pixels are mapped back to [0, 1] with the student's mean/std and re-normalised
+    with the teacher's own ``mean``/``std`` (not the release's ``(x+1)*127.5/255``
+    squashing). The patch-token map is resized bilinearly to each level's grid.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        weights: str,
+        student_pixel_mean: Sequence[float],
+        student_pixel_std: Sequence[float],
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        project: bool = False,
+        model_kwargs: Optional[Dict] = None,
+        config_key: str = "model.teacher.weights",
+    ):
+        """
+        Args:
+            model_name: a timm ViT name.
+            weights: local path of its weights (``.pth``/``.bin``/``.safetensors``).
+            student_pixel_mean, student_pixel_std: the pre-trainer's 0-255 RGB normalisation.
+            mean, std: the teacher's [0, 1] normalisation; None reads timm's pretrained_cfg.
+            project: apply the model's linear ``head`` to every patch token (CLIP's
+                ``ln_post @ proj`` target, as iTPN's CLIP variant uses).
+            model_kwargs: extra ``timm.create_model`` arguments.
+            config_key: named in the error when ``weights`` is missing.
+        """
+        super().__init__()
+        if not weights or not os.path.isfile(weights):
+            raise FileNotFoundError(
+                f"ExternalTeacher: weights file {weights!r} not found (set `{config_key}` to a local file; "
+                "nothing is downloaded at run time)"
+            )
+        import timm
+
+        kwargs = dict(model_kwargs or {})
+        kwargs.setdefault("dynamic_img_size", True)
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+        state = _load_state(weights)
+        try:
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            state = checkpoint_filter_fn(state, model)
+        except Exception:  # not a ViT-family checkpoint layout: load as is
+            pass
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise RuntimeError(
+                f"ExternalTeacher: {weights} does not match timm model {model_name!r}: "
+                f"missing {result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
+            )
+        self.model = model
+        self._freeze(self.model)
+        self.project = project
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean = mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406))
+        std = std if std is not None else cfg.get("std", (0.229, 0.224, 0.225))
+        self.register_buffer("s_mean", torch.tensor(student_pixel_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
+        self.register_buffer("s_std", torch.tensor(student_pixel_std, dtype=torch.float32).view(1, -1, 1, 1), False)
+        self.register_buffer("t_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), False)
+        self.register_buffer("t_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), False)
+        ps = model.patch_embed.patch_size
+        self.patch = (ps, ps) if isinstance(ps, int) else tuple(ps)
+
+    @property
+    def out_dim(self) -> int:
+        if self.project and isinstance(getattr(self.model, "head", None), nn.Linear):
+            return self.model.head.out_features
+        return self.model.embed_dim
+
+    def teacher_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Student-normalised (B, 3, H, W) -> teacher-normalised, sides rounded up to the patch size."""
+        x01 = (images * self.s_std + self.s_mean) / 255.0
+        x = (x01 - self.t_mean) / self.t_std
+        H, W = x.shape[-2:]
+        ph, pw = self.patch
+        size = (math.ceil(H / ph) * ph, math.ceil(W / pw) * pw)
+        if size != (H, W):
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, unit_size: int = 16) -> List[torch.Tensor]:
+        """images: (B, 3, H, W) student-normalised -> [(B,N,4,4,T), (B,N,2,2,T), (B,N,1,1,T)]."""
+        x = self.teacher_input(images)
+        tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens :]
+        if self.project and isinstance(getattr(self.model, "head", None), nn.Linear):
+            tokens = self.model.head(tokens)
+        B, L, T = tokens.shape
+        th, tw = x.shape[-2] // self.patch[0], x.shape[-1] // self.patch[1]
+        if th * tw != L:
+            raise RuntimeError(f"ExternalTeacher: {L} patch tokens do not form a {th}x{tw} grid")
+        fmap = tokens.transpose(1, 2).reshape(B, T, th, tw).float()
+        gh, gw = images.shape[-2] // unit_size, images.shape[-1] // unit_size
+        outs = []
+        for k in (4, 2, 1):
+            m = F.interpolate(fmap, size=(gh * k, gw * k), mode="bilinear", align_corners=False)
+            outs.append(map_to_units(m, k))
+        return outs
+
+
+def _load_state(path: str) -> Dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if hasattr(obj, "state_dict") and not isinstance(obj, dict):  # a TorchScript CLIP model
+        obj = obj.state_dict()
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    return obj

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""The main job (``make demo``): pre-train, fine-tune with the pre-trained pyramid,
+evaluate and visualise, on the built-in generated data, on CPU.
+
+Stages, each a plain command printed before it runs (re-run or change any one):
+  1. generate (or reuse) the built-in dataset     datasets/generate_synthetic.py
+  2. pre-train tiny iTPN, MIM + MFM (EMA teacher)  tools/lazyconfig_train_net.py + configs/pretrain/mim_mfm_itpn_tiny_cpu.py
+  3. fine-tune Mask R-CNN from that checkpoint     tools/lazyconfig_train_net.py + configs/COCO/mask_rcnn_itpn_tiny_demo.py
+     (strict load: every encoder and pyramid tensor comes from stage 2), COCOEvaluator at the end
+  4. reconstructions of the pre-trained model      tools/visualize_reconstruction.py
+  5. predictions on validation images              tools/demo.py
+and a summary: box AP, mask AP and where everything is.
+
+    python tools/run_main_job.py                    # the full job (about 15 minutes on 2 cores)
+    python tools/run_main_job.py --quick            # a few iterations per stage (what the test runs)
+"""
+import argparse
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN_CFG = "configs/pretrain/mim_mfm_itpn_tiny_cpu.py"
+FINETUNE_CFG = "configs/COCO/mask_rcnn_itpn_tiny_demo.py"
+
+
+def run_stage(title: str, cmd, log_path: str) -> float:
+    """Run ``cmd`` from the repository root, streaming its output to the console and ``log_path``."""
+    print(f"\n=== {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            log.write(line)
+            if _worth_showing(line):
+                print("  " + line.rstrip()[:240], flush=True)
+        rc = proc.wait()
+    took = time.perf_counter() - t0
+    if rc != 0:
+        print(f"\n[main job] stage '{title}' failed (exit {rc}); full log: {log_path}", file=sys.stderr)
+        with open(log_path) as f:
+            sys.stderr.write("".join(f.readlines()[-40:]))
+        sys.exit(rc)
+    print(f"=== {title}: done in {took:.0f}s", flush=True)
+    return took
+
+
+def _worth_showing(line: str) -> bool:
+    """Progress lines (losses, ETA), checkpoint loading, evaluation tables, warnings and errors."""
+    keys = ("eta:", "Loaded ", "re-initialised", "Evaluation results", "|", "AP", "Wrote", "wrote", "WARNING",
+            "Error", "Traceback", "Reused", "generated", "skipped", "Saving", "->")
+    return any(k in line for k in keys) and "Build settings" not in line
+
+
+def last_metrics(output_dir: str) -> dict:
+    """Merge of all rows of detectron2's metrics.json (later rows win)."""
+    merged = {}
+    path = os.path.join(output_dir, "metrics.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    merged.update(json.loads(line))
+    return merged
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="output/demo")
+    p.add_argument("--data-root", default=None, help="built-in data folder (default: itpn_d2's default root)")
+    p.add_argument("--quick", action="store_true", help="a few iterations per stage and a small dataset (tests)")
+    p.add_argument("--pretrain-iters", type=int, default=None)
+    p.add_argument("--finetune-iters", type=int, default=None)
+    p.add_argument("--num-demo-images", type=int, default=4)
+    args = p.parse_args(argv)
+
+    out = os.path.abspath(args.output_dir)
+    os.makedirs(out, exist_ok=True)
+    py = sys.executable
+    t_start = time.perf_counter()
+
+    pre_iters = args.pretrain_iters or (4 if args.quick else None)
+    ft_iters = args.finetune_iters or (4 if args.quick else None)
+    data_root = os.path.abspath(args.data_root) if args.data_root else None
+    gen = [py, "datasets/generate_synthetic.py"]
+    env_root = []
+    if data_root:
+        gen += ["--root", data_root]
+        os.environ["ITPN_SYNTHETIC_ROOT"] = data_root
+    if args.quick:
+        gen += ["--num-train", "8", "--num-val", "4", "--num-unlabeled", "16"]
+        if not data_root:
+            sys.exit("--quick needs --data-root (the quick dataset must not replace the default one)")
+    run_stage("1/5 built-in data", gen, os.path.join(out, "generate.log"))
+
+    pre_dir = os.path.join(out, "pretrain")
+    cmd = [py, "tools/lazyconfig_train_net.py", "--config-file", PRETRAIN_CFG, f"train.output_dir={pre_dir}"]
+    if pre_iters:
+        cmd += [f"train.max_iter={pre_iters}", f"train.checkpointer.period={pre_iters}", "train.log_period=1"]
+    cmd += env_root
+    run_stage("2/5 pre-training (MIM + MFM, EMA teacher)", cmd, os.path.join(out, "pretrain.log"))
+    pre_ckpt = os.path.join(pre_dir, "model_final.pth")
+
+    ft_dir = os.path.join(out, "finetune")
+    cmd = [py, "tools/lazyconfig_train_net.py", "--config-file", FINETUNE_CFG,
+           f"train.init_checkpoint={pre_ckpt}", "train.backbone_load=strict", f"train.output_dir={ft_dir}"]
+    if ft_iters:
+        cmd += [f"train.max_iter={ft_iters}", f"train.eval_period={ft_iters}", f"train.checkpointer.period={ft_iters}",
+                "train.log_period=1"]
+    run_stage("3/5 fine-tuning Mask R-CNN from the pre-trained backbone + pyramid, then COCO evaluation", cmd,
+              os.path.join(out, "finetune.log"))
+    ft_ckpt = os.path.join(ft_dir, "model_final.pth")
+
+    from itpn_d2.data import default_synthetic_root  # noqa: E402  (after the data stage chose the root)
+
+    root = data_root or default_synthetic_root()
+    val_images = sorted(glob.glob(os.path.join(root, "val", "images", "*")))[: args.num_demo_images]
+    unlabeled = sorted(glob.glob(os.path.join(root, "unlabeled", "images", "*")))[:2]
+    recon_dir = os.path.join(out, "reconstructions")
+    run_stage("4/5 reconstructions of the pre-trained model",
+              [py, "tools/visualize_reconstruction.py", "--config-file", PRETRAIN_CFG, "--checkpoint", pre_ckpt,
+               "--input", *unlabeled, "--output", recon_dir, "train.device=cpu"],
+              os.path.join(out, "reconstruct.log"))
+    pred_dir = os.path.join(out, "predictions")
+    run_stage("5/5 predictions on validation images",
+              [py, "tools/demo.py", "--config-file", FINETUNE_CFG, "--input", *val_images, "--output", pred_dir,
+               "--opts", f"train.init_checkpoint={ft_ckpt}"],
+              os.path.join(out, "demo.log"))
+
+    m = last_metrics(ft_dir)
+    box_ap, mask_ap = m.get("bbox/AP"), m.get("segm/AP")
+    summary = {
+        "box_AP": box_ap, "mask_AP": mask_ap, "box_AP50": m.get("bbox/AP50"), "mask_AP50": m.get("segm/AP50"),
+        "pretrain_checkpoint": pre_ckpt, "finetune_checkpoint": ft_ckpt,
+        "metrics": [os.path.join(pre_dir, "metrics.json"), os.path.join(ft_dir, "metrics.json")],
+        "reconstructions": recon_dir, "predictions": pred_dir,
+        "minutes": round((time.perf_counter() - t_start) / 60, 1),
+    }
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
+    print("\n=== Summary")
+    print(f"  box AP {fmt(box_ap)}   mask AP {fmt(mask_ap)}   (COCOEvaluator on itpn_synthetic_val)")
+    print(f"  box AP50 {fmt(summary['box_AP50'])}   mask AP50 {fmt(summary['mask_AP50'])}")
+    print(f"  pre-trained checkpoint : {pre_ckpt}")
+    print(f"  fine-tuned checkpoint  : {ft_ckpt}")
+    print(f"  metrics                : {summary['metrics'][0]}, {summary['metrics'][1]}")
+    print(f"  reconstructions        : {recon_dir}")
+    print(f"  rendered predictions   : {pred_dir}")
+    print(f"  total time             : {summary['minutes']} min; summary in {os.path.join(out, 'summary.json')}")
+
+
+if __name__ == "__main__":
+    main()
