@@ -21,11 +21,12 @@ from ..common.models.mask_rcnn_itpn import model
 from ..common.optim import AdamW as optimizer
 
 FPN_DIM = 64
-MAX_ITER = 600
+MAX_ITER = 300
 
 # --- model -------------------------------------------------------------------------
 model.backbone.net.update(hivit_arch("tiny", "official"))
 model.backbone.net.drop_path_rate = 0.05
+model.backbone.net.pretrain_img_size = 128  # the tiny pre-training resolution: same position-table size
 model.backbone.pyramid.out_dim = FPN_DIM
 model.proposal_generator.head.in_channels = FPN_DIM
 model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
@@ -49,7 +50,7 @@ dataloader.train.mapper.image_format = dataloader.test.mapper.image_format = "RG
 dataloader.train.mapper.instance_mask_format = "bitmask"  # the generator writes RLE masks (rings have holes)
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),
-    L(T.ResizeShortestEdge)(short_edge_length=(224, 256, 288), max_size=512, sample_style="choice"),
+    L(T.ResizeShortestEdge)(short_edge_length=(224, 256), max_size=512, sample_style="choice"),
 ]
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=256, max_size=512)]
 dataloader.train.total_batch_size = 4
@@ -73,6 +74,6 @@ train.eval_period = MAX_ITER
 train.log_period = 20
 train.checkpointer.period = 200
 
-optimizer.lr = 2e-4
+optimizer.lr = 3e-4
 optimizer.params.lr_factor_func.lr_decay_rate = 0.9
-lr_multiplier = step_schedule(MAX_ITER, [int(0.8 * MAX_ITER), int(0.93 * MAX_ITER)], warmup_iters=50)
+lr_multiplier = step_schedule(MAX_ITER, [int(0.8 * MAX_ITER), int(0.93 * MAX_ITER)], warmup_iters=30)
