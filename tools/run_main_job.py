@@ -121,11 +121,11 @@ def main(argv=None) -> None:
 
     root = data_root or default_synthetic_root()
     val_images = sorted(glob.glob(os.path.join(root, "val", "images", "*")))[: args.num_demo_images]
-    unlabeled = sorted(glob.glob(os.path.join(root, "unlabeled", "images", "*")))[:2]
     recon_dir = os.path.join(out, "reconstructions")
     run_stage("4/5 reconstructions of the pre-trained model",
               [py, "tools/visualize_reconstruction.py", "--config-file", PRETRAIN_CFG, "--checkpoint", pre_ckpt,
-               "--input", *unlabeled, "--output", recon_dir, "train.device=cpu"],
+               "--input", os.path.join(root, "val", "images"), "--max-images", str(args.num_demo_images),
+               "--output", recon_dir, "train.device=cpu"],
               os.path.join(out, "reconstruct.log"))
     pred_dir = os.path.join(out, "predictions")
     run_stage("5/5 predictions on validation images",
