@@ -35,11 +35,20 @@ needs an explicit opt-in, ``allow_unsafe=True`` or the environment variable
 ``ITPN_D2_ALLOW_UNSAFE_LOAD=1``, because unpickling arbitrary classes can run
 arbitrary code; the error names the file and the classes it wants. Converting
 such a file once with ``tools/convert_pretrained.py`` gives a tensors-only file.
+
+Writing files: ``ITPNCheckpointer.save`` is crash-safe. The checkpoint is written to a
+temporary file in the same folder, flushed and fsync'ed, then renamed over the final
+name (``os.replace``, atomic on POSIX); ``last_checkpoint`` is rewritten the same way
+and only after the checkpoint file is complete. A process killed at any moment leaves
+the previous complete checkpoint, a ``last_checkpoint`` naming a complete file, and at
+worst a stray ``.model_XXXXXXX.pth.*.tmp`` (removed by the next successful save).
 """
 import argparse
 import logging
 import os
 import pickle
+import tempfile
+import time
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -57,6 +66,7 @@ __all__ = [
     "compare_state_dicts",
     "BACKBONE_LOAD_MODES",
     "ALLOW_UNSAFE_ENV",
+    "atomic_write",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +83,80 @@ class CheckpointFileError(RuntimeError):
 
 class BackboneLoadError(RuntimeError):
     """The checkpoint's backbone tensors do not match the model's."""
+
+
+# Test-only: "NAME:MARKER" makes the save of checkpoint NAME (e.g. model_0000007) stop half-way
+# through writing its temporary file, create the file MARKER and sleep, so that a test can
+# kill the process in the middle of a checkpoint write deterministically.
+PAUSE_WRITE_ENV = "ITPN_D2_TEST_PAUSE_CHECKPOINT_WRITE"
+
+
+def _fsync_dir(path: str) -> None:
+    # Makes the rename itself durable (POSIX); not possible / needed everywhere.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, write_fn, *, binary: bool = True) -> None:
+    """Write ``path`` so that it is either absent / its old version or the complete new one.
+
+    ``write_fn(f)`` writes into a temporary file in the same folder, which is flushed,
+    fsync'ed and renamed over ``path``; the folder is fsync'ed after the rename. On any
+    error the temporary file is removed and the error re-raised; ``path`` is untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; match a plain open()
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+class _PausingWriter:
+    """File wrapper for the test hook ``PAUSE_WRITE_ENV``: after ``after_bytes`` bytes it
+    flushes, creates ``marker`` and sleeps until killed."""
+
+    def __init__(self, f, marker: str, after_bytes: int = 4096):
+        self.f, self.marker, self.after_bytes, self.n = f, marker, after_bytes, 0
+
+    def write(self, b):
+        r = self.f.write(b)
+        self.n += len(b)
+        if self.n >= self.after_bytes:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            with open(self.marker, "w") as m:
+                m.write(str(os.getpid()))
+            while True:
+                time.sleep(1)
+        return r
+
+    def flush(self):
+        self.f.flush()
 
 
 def _safe_globals() -> List:
@@ -242,6 +326,63 @@ class ITPNCheckpointer(DetectionCheckpointer):
         self.allow_unsafe = allow_unsafe
         self.last_load_report: Optional[dict] = None
         self._loading_file: Optional[str] = None
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        """``backbone_load`` applies to the initial pre-trained weights only: resuming this
+        run's own checkpoint is always strict, so a fine-tuned pyramid is never dropped."""
+        if resume and self.has_checkpoint():
+            mode, self.backbone_load = self.backbone_load, "strict"
+            try:
+                return self.load(self.get_checkpoint_file())
+            finally:
+                self.backbone_load = mode
+        return self.load(path, checkpointables=[])
+
+    def save(self, name: str, **kwargs) -> None:
+        """``fvcore.common.checkpoint.Checkpointer.save``, written atomically (module docstring)."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if "://" in self.save_dir:  # a remote PathManager backend: no local rename to rely on
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        os.makedirs(self.save_dir, exist_ok=True)
+        pause = os.environ.get(PAUSE_WRITE_ENV, "")
+        if pause.split(":", 1)[0] == name:
+            marker = pause.split(":", 1)[1]
+            atomic_write(save_file, lambda f: torch.save(data, _PausingWriter(f, marker)))
+        else:
+            atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+        self._remove_stale_temporaries()
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Point ``last_checkpoint`` at ``last_filename_basename``, atomically."""
+        if "://" in self.save_dir:
+            return super().tag_last_checkpoint(last_filename_basename)
+        atomic_write(
+            os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), binary=False
+        )
+
+    def _remove_stale_temporaries(self) -> None:
+        # Left by a process killed while writing; never a file someone else is writing now,
+        # since only the main process of one run saves into its output directory.
+        try:
+            names = os.listdir(self.save_dir)
+        except OSError:
+            return
+        for n in names:
+            if n.startswith(".") and n.endswith(".tmp") and (".pth." in n or n.startswith(".last_checkpoint.")):
+                try:
+                    os.unlink(os.path.join(self.save_dir, n))
+                    self.logger.info(f"Removed the incomplete checkpoint file {n} of an interrupted save")
+                except OSError:
+                    pass
 
     def _torch_load(self, f):
         self._loading_file = f

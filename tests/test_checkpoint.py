@@ -218,3 +218,30 @@ def test_truncated_and_garbage_files(tmp_path):
 def test_bad_mode():
     with pytest.raises(ValueError, match="backbone_load"):
         ITPNCheckpointer(Detector(), backbone_load="loose")
+
+
+def test_encoder_only_applies_to_pretrained_weights_not_to_resume(tmp_path):
+    """With backbone_load='encoder_only' the pyramid of the *pre-training* file is skipped, but
+    resuming the run's own checkpoint restores the fine-tuned pyramid (never re-initialised)."""
+    pre = Pretrainer(seed=0)
+    pre_path = str(tmp_path / "pre.pth")
+    torch.save({"model": pre.state_dict()}, pre_path)
+    out = tmp_path / "run"
+
+    model = Detector(seed=1)
+    init_pyramid = {k: v.clone() for k, v in model.backbone.pyramid.state_dict().items()}
+    ck = ITPNCheckpointer(model, str(out), backbone_load="encoder_only")
+    ck.resume_or_load(pre_path, resume=True)  # no checkpoint yet: the pre-trained file, encoder only
+    for k, v in model.backbone.pyramid.state_dict().items():
+        assert torch.equal(v, init_pyramid[k]), k
+    for k, v in model.backbone.net.state_dict().items():
+        assert torch.equal(v, pre.backbone.net.state_dict()[k]), k
+
+    _perturb(model.backbone.pyramid, seed=3)  # "fine-tuning"
+    ck.save("model_0000009")
+    tuned = {k: v.clone() for k, v in model.state_dict().items()}
+
+    resumed = Detector(seed=2)
+    ITPNCheckpointer(resumed, str(out), backbone_load="encoder_only").resume_or_load(pre_path, resume=True)
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, tuned[k]), k

@@ -10,6 +10,17 @@ Additions over detectron2's script (our configs also run under the stock one):
   (``train.backbone_load``: strict | encoder_only | partial).
 * ``train.extra_hooks``: a list of LazyCall hooks (e.g. ``ReconstructionVisualizer``).
 
+Reliability (see the README section "Multi-process and multi-node runs"):
+* ``--num-gpus N`` is detectron2's "processes per machine": N GPUs with NCCL, or, with
+  ``train.device=cpu``, N CPU processes with gloo; ``--num-machines/--machine-rank/--dist-url``
+  as in detectron2.
+* Checkpoints are written atomically; pre-training data is a function of the iteration
+  (``itpn_d2.data.build_resumable_train_loader``), so ``--resume`` continues the same stream.
+* A NaN / inf loss term stops the run before the step, naming the term and the iteration.
+* Bad input ends the run with a one-line ``ERROR:`` message and a non-zero exit status:
+  an unknown config key on the command line (use ``+key=value`` to add one on purpose),
+  a missing / truncated / foreign checkpoint, a non-finite loss.
+
 Examples::
 
     python tools/lazyconfig_train_net.py --config-file configs/COCO/mask_rcnn_itpn_tiny_demo.py \
@@ -22,24 +33,21 @@ import sys
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import (
-    AMPTrainer,
-    SimpleTrainer,
-    default_argument_parser,
-    default_setup,
-    default_writers,
-    hooks,
-    launch,
-)
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itpn_d2  # noqa: E402,F401  (registers backbones, meta-archs, datasets)
-from itpn_d2.checkpoint import ITPNCheckpointer  # noqa: E402
-from itpn_d2.engine.trainer import AutocastTrainer  # noqa: E402
+from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError, ITPNCheckpointer  # noqa: E402
+from itpn_d2.data.resumable import set_loader_start_iter  # noqa: E402
+from itpn_d2.engine.distributed import create_ddp_model, launch  # noqa: E402
+from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides  # noqa: E402
+from itpn_d2.engine.trainer import NonFiniteLossError, build_trainer  # noqa: E402
+
+# Errors that are the user's input, not a bug: one clear line, no traceback.
+USER_ERRORS = (ConfigOverrideError, CheckpointFileError, BackboneLoadError, NonFiniteLossError)
 
 logger = logging.getLogger("itpn_d2")
 
@@ -54,21 +62,11 @@ def do_test(cfg, model):
     return None
 
 
-def build_trainer(cfg, model, train_loader, optim):
-    amp = cfg.train.get("amp", {}) or {}
-    device = torch.device(cfg.train.device)
-    if amp.get("enabled", False):
-        if device.type == "cuda":
-            return AMPTrainer(model, train_loader, optim)
-        dtype = getattr(torch, amp.get("dtype", "bfloat16"))
-        return AutocastTrainer(model, train_loader, optim, device_type=device.type, dtype=dtype)
-    return SimpleTrainer(model, train_loader, optim)
-
-
-def make_checkpointer(cfg, model, **kwargs):
+def make_checkpointer(cfg, model, backbone_load=None, **kwargs):
     """Loads ``train.init_checkpoint`` refusing missing / mis-shaped backbone tensors
     (``train.backbone_load``: strict | encoder_only | partial); saves like detectron2's."""
-    return ITPNCheckpointer(model, cfg.train.output_dir, backbone_load=cfg.train.get("backbone_load", "strict"), **kwargs)
+    mode = backbone_load or cfg.train.get("backbone_load", "strict")
+    return ITPNCheckpointer(model, cfg.train.output_dir, backbone_load=mode, **kwargs)
 
 
 def do_train(args, cfg):
@@ -100,12 +98,29 @@ def do_train(args, cfg):
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    # The loader's workers start with the first batch, inside trainer.train: still in time.
+    if set_loader_start_iter(train_loader, start_iter):
+        logger.info(f"Training data continues at iteration {start_iter} of its deterministic stream")
+    elif start_iter > 0:
+        logger.info("The training data loader restarts its stream on resume (not a resumable loader)")
     trainer.train(start_iter, cfg.train.max_iter)
 
 
-def main(args):
+def load_config(args):
     cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    return apply_overrides(cfg, args.opts)
+
+
+def _last_checkpoint_note(cfg) -> str:
+    try:
+        with open(os.path.join(cfg.train.output_dir, "last_checkpoint")) as f:
+            return f" Last complete checkpoint: {os.path.join(cfg.train.output_dir, f.read().strip())}."
+    except OSError:
+        return ""
+
+
+def main(args):
+    cfg = load_config(args)
     default_setup(cfg, args)
     # default_setup configures detectron2's and fvcore's loggers only.
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="itpn_d2")
@@ -113,22 +128,53 @@ def main(args):
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model)
-        make_checkpointer(cfg, model).load(cfg.train.init_checkpoint)
+        # A model to evaluate is a trained one: all of its backbone must be in the file, whatever
+        # train.backbone_load the config uses for pre-trained weights.
+        make_checkpointer(cfg, model, backbone_load="strict").load(cfg.train.init_checkpoint)
         print(do_test(cfg, model))
     else:
-        do_train(args, cfg)
+        try:
+            do_train(args, cfg)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(str(e) + _last_checkpoint_note(cfg)) from None
+
+
+def _fail(e: BaseException) -> "NoReturn":  # noqa: F821
+    # the key report of a BackboneLoadError is the point; everything else is one line
+    msg = str(e) if isinstance(e, BackboneLoadError) else str(e).splitlines()[0]
+    logger.error(msg)
+    print(f"ERROR: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2 if isinstance(e, ConfigOverrideError) else 1)
+
+
+def guarded_main(args):
+    try:
+        main(args)
+    except USER_ERRORS as e:
+        _fail(e)
 
 
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        # Checked here, before any process is spawned: a typo fails at once, on every machine.
+        device = load_config(args).train.get("device", "cuda")
+    except USER_ERRORS as e:
+        _fail(e)
+    try:
+        launch(
+            guarded_main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            device=device,
+        )
+    except torch.multiprocessing.ProcessExitedException as e:
+        # a worker already printed its ERROR line (guarded_main); its exit code is ours
+        print(f"ERROR: process {e.error_index} exited with code {e.exit_code}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code or 1)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.evaluation import COCOEvaluator
 
+from itpn_d2.data.safe_mapper import SafeDatasetMapper
 from itpn_d2.modeling import hivit_arch
 
 from ..common.coco_schedule import step_schedule
@@ -47,6 +48,8 @@ dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 dataloader.train.dataset.names = "itpn_synthetic_train"
 dataloader.test.dataset.names = "itpn_synthetic_val"
 dataloader.train.mapper.image_format = dataloader.test.mapper.image_format = "RGB"
+# skips (logs, counts) unreadable training images instead of stopping the run
+dataloader.train.mapper._target_ = SafeDatasetMapper
 dataloader.train.mapper.instance_mask_format = "bitmask"  # the generator writes RLE masks (rings have holes)
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),

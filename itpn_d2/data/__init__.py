@@ -4,5 +4,7 @@ from .builtin import default_synthetic_root, ensure_registered_synthetic, regist
 from .image_folder import IMAGE_EXTENSIONS, load_image_folder, register_all_unlabeled_folders, register_image_folder
 from .mim_mapper import MIMDatasetMapper, RandomResizedCrop, read_rgb_image
 from .synthetic import CATEGORIES, SyntheticSpec, ensure_synthetic
+from .resumable import ResumableTrainingSampler, build_resumable_train_loader, set_loader_start_iter
+from .safe_mapper import SafeDatasetMapper
 
 register_all_unlabeled_folders()

@@ -1,2 +1,10 @@
 from .hooks import ReconstructionVisualizer
-from .trainer import AutocastTrainer, NonFiniteLossError, check_finite_losses
+from .trainer import (
+    AutocastTrainer,
+    FiniteCheckAMPTrainer,
+    FiniteCheckTrainer,
+    NonFiniteLossError,
+    build_trainer,
+    check_finite_losses,
+)
+from .distributed import create_ddp_model, launch

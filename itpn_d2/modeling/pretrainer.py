@@ -24,6 +24,7 @@ unit reaches any visible feature or any student prediction (the tests check it).
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -41,6 +42,15 @@ def _current_storage():
         return get_event_storage()
     except AssertionError:  # no EventStorage active (plain scripts, tests)
         return None
+
+
+def _sum_over_processes(n: int, device) -> int:
+    """``n`` summed over all training processes (a collective: every rank calls it each step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def patchify_units(images: torch.Tensor, unit_size: int, k: int) -> torch.Tensor:
@@ -170,6 +180,24 @@ class MaskedPretrainer(nn.Module):
         """(ids_keep (B, N_vis), mask (B, N) bool True = masked) from the mask generator."""
         return self.mask_generator(batch_size, grid, self.mask_ratio, device=self.device, generator=generator)
 
+    def make_mask_from_seeds(self, seeds: Sequence[int], grid):
+        """One mask per sample, each drawn from a CPU generator seeded by that sample's seed.
+
+        The mask of a sample then depends on nothing but its seed: not on the batch it is in,
+        the process (rank) that holds it, the DataLoader worker, or the global RNG. With
+        :func:`itpn_d2.data.build_resumable_train_loader` the seed is a function of the
+        sample's global position, so 1 x 2B and 2 x B processes, and resumed runs, mask alike.
+        Returns (ids_keep (B, N_vis), mask (B, N)) as :meth:`make_mask`.
+        """
+        keeps, masks = [], []
+        cpu = torch.device("cpu")
+        for s in seeds:  # drawn on the CPU, moved to the model's device once
+            gen = torch.Generator().manual_seed(int(s))
+            k, m = self.mask_generator(1, grid, self.mask_ratio, device=cpu, generator=gen)
+            keeps.append(k)
+            masks.append(m)
+        return torch.cat(keeps).to(self.device), torch.cat(masks).to(self.device)
+
     def predict(self, images: torch.Tensor, ids_keep: torch.Tensor) -> Dict[str, object]:
         """The student alone, for a given mask.
 
@@ -233,7 +261,9 @@ class MaskedPretrainer(nn.Module):
             batched_inputs: list of dicts (detectron2's format), each with
                 "image": (3, H, W) float/uint8 tensor, 0-255 RGB, H and W multiples of 16,
                 all of one size; optional "skipped_images": int (files the mapper skipped),
-                summed and logged as ``skipped_images`` (and the running ``skipped_images_total``).
+                summed and logged as ``skipped_images`` (and the running ``skipped_images_total``);
+                optional "mask_seed": int; when every sample has one, each sample's mask
+                is drawn from it (:meth:`make_mask_from_seeds`), else from the global RNG.
 
         Returns:
             training: dict of scalar loss tensors only (detectron2 sums all values):
@@ -261,7 +291,11 @@ class MaskedPretrainer(nn.Module):
             return self.reconstruct(images)
 
         it = self._iteration()
-        ids_keep, mask = self.make_mask(B, grid)
+        seeds = [d.get("mask_seed") for d in batched_inputs]
+        if all(s is not None for s in seeds):
+            ids_keep, mask = self.make_mask_from_seeds(seeds, grid)
+        else:
+            ids_keep, mask = self.make_mask(B, grid)
         teacher_targets = None
         momentum = None
         if self.teacher is not None:
@@ -290,10 +324,11 @@ class MaskedPretrainer(nn.Module):
             scalars = {"mask_ratio": float(m.mean())}
             if momentum is not None:
                 scalars["ema_momentum"] = momentum
-            skipped = sum(int(d.get("skipped_images", 0)) for d in batched_inputs)
+            # Only the main process's EventStorage is written out: count every process's skips.
+            skipped = _sum_over_processes(sum(int(d.get("skipped_images", 0)) for d in batched_inputs), self.device)
             self._skipped_total += skipped
             scalars["skipped_images"] = skipped
-            scalars["skipped_images_total"] = self._skipped_total  # this process, since start
+            scalars["skipped_images_total"] = self._skipped_total  # all processes, since this process started
             storage.put_scalars(**scalars, smoothing_hint=False)
         return losses
 

@@ -16,6 +16,8 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
+from itpn_d2.data.safe_mapper import SafeDatasetMapper
+
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 
 MULTI_SCALE = tuple(range(480, 801, 32))  # 480, 512, ..., 800
@@ -34,6 +36,8 @@ dataloader.train.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=MULTI_SCALE, max_size=1333, sample_style="choice"),
 ]
 dataloader.train.mapper.image_format = "RGB"
+# skips (logs, counts) unreadable training images instead of stopping the run
+dataloader.train.mapper._target_ = SafeDatasetMapper
 dataloader.train.mapper.use_instance_mask = True
 dataloader.train.total_batch_size = 16
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)]

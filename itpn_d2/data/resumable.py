@@ -1,0 +1,261 @@
+"""A training data stream whose every sample is a function of its global position.
+
+detectron2's ``TrainingSampler`` is an infinite seeded shuffle that restarts from the
+beginning whenever the loader is rebuilt, and the mapper's augmentations draw from
+per-worker random streams. So a resumed run sees other images and other crops than an
+uninterrupted one, and a run on 2 processes x B images sees another global batch than a
+run on 1 process x 2B. Here every sample has a *global position*
+
+    p = iteration * total_batch_size + rank * local_batch_size + j     (j < local_batch_size)
+
+and everything random about it is derived from ``(seed, p)`` alone:
+
+* the dataset index: epoch ``p // len(dataset)`` of a permutation seeded by ``(seed, epoch)``;
+* the mapper's augmentation: Python's, numpy's and torch's global RNGs are seeded from
+  ``(seed, p, attempt)`` around the mapper call (and restored afterwards), so any
+  detectron2-style mapper (``np.random`` / ``torch.rand``) becomes deterministic;
+* the pre-trainer's mask: each output dict gets ``"mask_seed"``, from which
+  :class:`~itpn_d2.modeling.MaskedPretrainer` draws that sample's mask.
+
+So the stream is the same for any number of processes (ranks take consecutive slices
+of each global batch; DDP averages the per-rank means = the global mean), any number of
+DataLoader workers (worker ``w`` produces the local batches ``k = w mod num_workers``,
+the order in which ``torch.utils.data.DataLoader`` collects them), and after
+``--resume`` (the training script calls :func:`set_loader_start_iter` with the resumed
+iteration). A mapper returning ``None`` (an unreadable file) is retried on another
+index drawn from ``(seed, p, attempt)``, as deterministic as the rest.
+"""
+import logging
+import random
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.utils.data as torchdata
+from detectron2.data.build import build_batch_data_loader
+from detectron2.data.common import DatasetFromList
+from detectron2.utils import comm
+
+__all__ = [
+    "ResumableTrainingSampler",
+    "PositionalMapStream",
+    "build_resumable_train_loader",
+    "set_loader_start_iter",
+    "derive_seed",
+]
+
+logger = logging.getLogger(__name__)
+
+_MASK_STREAM = 0x6D61736B  # a constant that separates the mask seeds from the augmentation seeds
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed that depends on all of ``keys`` (non-negative ints), well mixed."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint32)[0])
+
+
+class ResumableTrainingSampler(torchdata.Sampler):
+    """Infinite shuffled stream of ``(position, dataset_index)`` pairs for this rank.
+
+    Epoch ``e`` of the data is a permutation seeded by ``(seed, e)``; global position ``p``
+    reads element ``p % size`` of epoch ``p // size``. This rank's positions are its slice
+    of every global batch, starting at :attr:`start_iter` (set it on resume).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        total_batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        start_iter: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ):
+        """
+        Args:
+            size: number of dataset items (> 0).
+            total_batch_size: images per iteration over all processes.
+            seed: the data seed; the same on every rank (and across restarts of one run).
+            shuffle: False keeps the dataset order in every epoch.
+            start_iter: the first iteration this stream produces.
+            rank, world_size: default to detectron2's ``comm``.
+        """
+        if size <= 0:
+            raise ValueError(f"ResumableTrainingSampler: the dataset is empty (size={size})")
+        self.size = int(size)
+        self.rank = comm.get_rank() if rank is None else int(rank)
+        self.world_size = comm.get_world_size() if world_size is None else int(world_size)
+        if total_batch_size <= 0 or total_batch_size % self.world_size:
+            raise ValueError(
+                f"total_batch_size={total_batch_size} must be a positive multiple of the number of "
+                f"processes ({self.world_size})"
+            )
+        self.total_batch_size = int(total_batch_size)
+        self.local_batch_size = self.total_batch_size // self.world_size
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.start_iter = int(start_iter)
+        self._perm_epoch = -1
+        self._perm: Optional[np.ndarray] = None
+
+    def set_start_iter(self, start_iter: int) -> None:
+        self.start_iter = int(start_iter)
+
+    def index_of(self, position: int) -> int:
+        epoch, offset = divmod(int(position), self.size)
+        if not self.shuffle:
+            return offset
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+            self._perm = torch.randperm(self.size, generator=g).numpy()
+            self._perm_epoch = epoch
+        return int(self._perm[offset])
+
+    def positions(self, worker_id: int = 0, num_workers: int = 1):
+        """Yield ``(position, index)`` for local batches ``k = worker_id, worker_id + num_workers, ...``
+        (local batch ``k`` is iteration ``start_iter + k``)."""
+        k = worker_id
+        while True:
+            base = (self.start_iter + k) * self.total_batch_size + self.rank * self.local_batch_size
+            for j in range(self.local_batch_size):
+                yield base + j, self.index_of(base + j)
+            k += num_workers
+
+    def __iter__(self):
+        return self.positions()
+
+
+class _SeededGlobalRNG:
+    """Seed Python's, numpy's and torch's (CPU) global RNGs; restore them on exit."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self._states = (random.getstate(), np.random.get_state(), torch.random.default_generator.get_state())
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.random.default_generator.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        random.setstate(self._states[0])
+        np.random.set_state(self._states[1])
+        torch.random.default_generator.set_state(self._states[2])
+        return False
+
+
+class PositionalMapStream(torchdata.IterableDataset):
+    """``mapper(dataset[index])`` for this rank's positions (see the module docstring).
+
+    Each output dict gains ``"mask_seed"`` (int, a function of ``(seed, position)``).
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence,
+        mapper: Optional[Callable[[Any], Any]],
+        sampler: ResumableTrainingSampler,
+        *,
+        max_consecutive_failures: int = 100,
+    ):
+        self.dataset = dataset
+        self.mapper = mapper
+        self.sampler = sampler
+        self.max_consecutive_failures = int(max_consecutive_failures)
+
+    def set_start_iter(self, start_iter: int) -> None:
+        self.sampler.set_start_iter(start_iter)
+
+    def map_position(self, position: int, index: int):
+        seed = self.sampler.seed
+        n = len(self.dataset)
+        for attempt in range(self.max_consecutive_failures):
+            s = derive_seed(seed, position, attempt)
+            item = self.dataset[index]
+            if self.mapper is None:
+                out = item
+            else:
+                with _SeededGlobalRNG(s):
+                    out = self.mapper(item)
+            if out is not None:
+                if isinstance(out, dict):
+                    out["mask_seed"] = derive_seed(seed, position, _MASK_STREAM)
+                return out
+            # Unreadable item (the mapper logged and counted it): another index, still a
+            # function of (seed, position, attempt).
+            index = int(np.random.default_rng(s).integers(n))
+        raise RuntimeError(
+            f"{self.max_consecutive_failures} consecutive dataset items could not be mapped (the last one "
+            f"tried: index {index}, {self._describe(index)}). Is the dataset readable at all?"
+        )
+
+    def _describe(self, index: int) -> str:
+        try:
+            item = self.dataset[index]
+            return repr(item.get("file_name", item)) if isinstance(item, dict) else repr(item)[:200]
+        except Exception:  # noqa: BLE001 - only for the message
+            return "?"
+
+    def __iter__(self):
+        info = torchdata.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for position, index in self.sampler.positions(wid, nw):
+            yield self.map_position(position, index)
+
+
+def build_resumable_train_loader(
+    dataset,
+    *,
+    mapper=None,
+    total_batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+    aspect_ratio_grouping: bool = False,
+    collate_fn=None,
+    **kwargs,
+):
+    """Drop-in for ``detectron2.data.build_detection_train_loader`` (same ``dataset``,
+    ``mapper``, ``total_batch_size``, ``num_workers``) whose stream is reproducible across
+    process counts, worker counts and resumption (module docstring).
+
+    Args:
+        dataset: a list of dataset dicts (e.g. from ``get_detection_dataset_dicts``) or a
+            map-style dataset.
+        mapper: called on each item; ``None`` from it means "skip this item".
+        seed: the data seed (keep it fixed across the restarts of one run).
+        shuffle: shuffle every epoch.
+        aspect_ratio_grouping: not supported (pre-training crops are all one size).
+    Returns:
+        a ``torch.utils.data.DataLoader`` yielding lists of ``total_batch_size / world_size``
+        mapped dicts; ``loader.dataset`` is the :class:`PositionalMapStream`.
+    """
+    if aspect_ratio_grouping:
+        raise ValueError(
+            "build_resumable_train_loader: aspect_ratio_grouping is not supported; every sample of a "
+            "batch is expected to have one size (pre-training crops do)"
+        )
+    if isinstance(dataset, list):
+        dataset = DatasetFromList(dataset, copy=False)
+    sampler = ResumableTrainingSampler(len(dataset), total_batch_size=total_batch_size, seed=seed, shuffle=shuffle)
+    stream = PositionalMapStream(dataset, mapper, sampler)
+    logger.info(
+        f"Resumable training stream: {len(dataset)} items, seed {seed}, {total_batch_size} images per iteration, "
+        f"this process takes {sampler.local_batch_size} of them (rank {sampler.rank} of {sampler.world_size})"
+    )
+    return build_batch_data_loader(
+        stream, None, total_batch_size, num_workers=num_workers, collate_fn=collate_fn, **kwargs
+    )
+
+
+def set_loader_start_iter(loader, start_iter: int) -> bool:
+    """Tell a loader built by :func:`build_resumable_train_loader` which iteration comes
+    next (call it after ``resume_or_load`` and before the first batch is drawn).
+    Returns False (and changes nothing) for any other loader."""
+    stream = getattr(loader, "dataset", None)
+    if isinstance(stream, PositionalMapStream):
+        stream.set_start_iter(start_iter)
+        return True
+    return False

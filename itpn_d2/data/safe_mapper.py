@@ -1,0 +1,88 @@
+"""detectron2's ``DatasetMapper`` that skips unreadable images instead of killing the run.
+
+A corrupt, truncated, empty or non-image file named by a COCO-style dataset makes
+``detectron2.data.DatasetMapper`` raise inside a DataLoader worker, which ends the
+training job. :class:`SafeDatasetMapper` takes the same arguments, decodes the image
+itself (strict about truncation; grayscale, RGBA, palette and 16-bit files converted as
+:func:`itpn_d2.data.mim_mapper.read_rgb_image` does), and for a file that cannot be
+decoded logs one warning naming it (once per file and process), counts it
+(``num_skipped``; also handed to the next good sample as ``"skipped_images"``) and
+returns ``None``: detectron2's ``MapDataset`` then maps another index of the dataset.
+
+Use it for training only: at test time a skipped image would silently change the
+evaluated set, so test loaders keep the failing ``DatasetMapper``.
+"""
+import copy
+import logging
+
+import numpy as np
+import torch
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from .mim_mapper import read_rgb_image
+
+__all__ = ["SafeDatasetMapper"]
+
+logger = logging.getLogger(__name__)
+
+
+class SafeDatasetMapper(DatasetMapper):
+    """``DatasetMapper`` (same arguments) that returns ``None`` for an unreadable image."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Per process: each DataLoader worker holds its own copy of the mapper.
+        self.num_skipped = 0
+        self._pending_skips = 0
+        self._warned = set()
+
+    def read_image(self, file_name: str) -> np.ndarray:
+        """(H, W, 3) uint8 in ``self.image_format`` (RGB / BGR), or detectron2's reader for other formats."""
+        if self.image_format in ("RGB", "BGR"):
+            image = read_rgb_image(file_name)
+            return image[:, :, ::-1].copy() if self.image_format == "BGR" else image
+        return utils.read_image(file_name, format=self.image_format)
+
+    def _skip(self, file_name: str, err: Exception) -> None:
+        self.num_skipped += 1
+        self._pending_skips += 1
+        if file_name not in self._warned:
+            self._warned.add(file_name)
+            logger.warning(
+                f"Skipping unreadable image file '{file_name}' ({type(err).__name__}: {err}); "
+                f"{self.num_skipped} image(s) skipped so far by this process. Another image is used in its place."
+            )
+
+    def __call__(self, dataset_dict):
+        """As ``DatasetMapper.__call__``; ``None`` when the image file cannot be decoded."""
+        file_name = dataset_dict["file_name"]
+        try:
+            image = self.read_image(file_name)
+        except Exception as e:  # decoders raise a zoo of types; only decoding is in this try
+            self._skip(file_name, e)
+            return None
+        dataset_dict = copy.deepcopy(dataset_dict)  # the dataset's dicts are shared: never modify them
+        utils.check_image_size(dataset_dict, image)
+        sem_seg_gt = None
+        if "sem_seg_file_name" in dataset_dict:
+            sem_seg_gt = utils.read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)
+
+        aug_input = T.AugInput(image, sem_seg=sem_seg_gt)
+        transforms = self.augmentations(aug_input)
+        image, sem_seg_gt = aug_input.image, aug_input.sem_seg
+        image_shape = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if sem_seg_gt is not None:
+            dataset_dict["sem_seg"] = torch.as_tensor(sem_seg_gt.astype("long"))
+        if self.proposal_topk is not None:
+            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
+        dataset_dict["skipped_images"] = self._pending_skips
+        self._pending_skips = 0
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            return dataset_dict
+        if "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image_shape)
+        return dataset_dict
