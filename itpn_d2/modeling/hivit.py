@@ -46,6 +46,12 @@ class PatchEmbed(nn.Module):
     """4x4 patch embedding, regrouped into 16x16-pixel mask units.
 
     (B, 3, H, W) -> (B, H/16 * W/16, 4, 4, embed_dim)
+
+    The stride-4 convolution is computed as a Linear over the 4x4x3 pixels of each
+    patch, with the pixels put in unit layout first: rearranging the 3-channel
+    image is cheaper than rearranging the embed_dim-channel feature map, and with
+    ``ids_keep`` only the kept units are projected (a masked unit's patches never
+    reach the projection). ``proj`` stays a ``Conv2d`` so weights and names are unchanged.
     """
 
     def __init__(self, *, in_chans: int = 3, embed_dim: int = 128, unit_size: int = 16, inner: int = 4):
@@ -53,16 +59,22 @@ class PatchEmbed(nn.Module):
         self.unit_size = unit_size
         self.inner = inner
         stride = unit_size // inner
+        self.patch_size = stride
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=stride, stride=stride)
         self.norm = _layer_norm(embed_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
-        hu, wu = H // self.unit_size, W // self.unit_size
-        x = self.proj(x)  # (B, c, H/4, W/4)
-        c = x.shape[1]
-        x = x.view(B, c, hu, self.inner, wu, self.inner).permute(0, 2, 4, 3, 5, 1)
-        x = x.reshape(B, hu * wu, self.inner, self.inner, c)
+    def forward(self, x: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, C_in, H, W); ids_keep: optional (B, N_vis) kept unit indices (raster order).
+        Returns (B, N or N_vis, inner, inner, embed_dim)."""
+        B, cin, H, W = x.shape
+        hu, wu, i, p = H // self.unit_size, W // self.unit_size, self.inner, self.patch_size
+        # (B, cin, hu, i, p, wu, i, p) -> (B, hu, wu, i, i, cin, p, p): Conv2d weight order (cin, kh, kw).
+        x = x.reshape(B, cin, hu, i, p, wu, i, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
+        x = x.reshape(B, hu * wu, i, i, cin * p * p)
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *x.shape[2:]))
+        w = self.proj.weight
+        x = F.linear(x, w.view(w.shape[0], -1), self.proj.bias)
         return self.norm(x)
 
 
@@ -92,11 +104,14 @@ class PatchMerge(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Order (row, col) = (0,0), (1,0), (0,1), (1,1), as in Swin and the iTPN release.
-        x = torch.cat(
-            [x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]],
-            dim=-1,
-        )
+        # Concatenation order (row, col) = (0,0), (1,0), (0,1), (1,1), as in Swin and the
+        # iTPN release: column offset outer, row offset inner. One permute (one copy)
+        # instead of four strided slices and a cat.
+        *lead, h, w, c = x.shape
+        x = x.reshape(*lead, h // 2, 2, w // 2, 2, c)
+        n = len(lead)
+        x = x.permute(*range(n), n, n + 2, n + 3, n + 1, n + 4)  # (..., h/2, w/2, dc, dr, c)
+        x = x.reshape(*lead, h // 2, w // 2, 4 * c)
         return self.reduction(self.norm(x))
 
 
@@ -345,9 +360,7 @@ class HiViT(nn.Module):
         if H % u or W % u:
             raise ValueError(f"HiViT input must be a multiple of {u} pixels on each side; got {H}x{W}")
         grid = (H // u, W // u)
-        x = self.patch_embed(x)
-        if ids_keep is not None:
-            x = torch.gather(x, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *x.shape[2:]))
+        x = self.patch_embed(x, ids_keep)  # masked units are dropped before the projection
 
         m1, m2 = self.mlp_depths
         for blk in self.blocks[:m1]:
