@@ -37,5 +37,13 @@ setup(
         # detectron2.model_zoo imports pkg_resources, removed in setuptools 81
         "setuptools<81",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # tools/benchmark.py's reference side. Install with --no-deps (see README), or pip pulls
+        # a second OpenCV and a compiled mmcv: the reference runs on its pure-Python parts.
+        "bench": [
+            "mmpretrain==1.2.0", "mmengine==0.10.7", "mmcv-lite==2.2.0", "yapf", "addict", "rich",
+            "importlib_metadata", "model-index", "ordered-set", "mat4py", "einops",
+        ],
+    },
 )

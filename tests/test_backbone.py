@@ -205,3 +205,23 @@ def test_mask_rcnn_from_lazyconfig_trains_and_infers_on_cpu(repo_root):
     inst = out[0]["instances"]
     assert inst.image_size == (240, 300)
     assert inst.has("pred_masks") and inst.has("pred_boxes")
+
+
+def test_layer_scale_on_stem_mlp_blocks_as_in_official_clip_checkpoints():
+    """The official CLIP variant (init_values) gives every stem MLP block a gamma_2 and every
+    attention block gamma_1/gamma_2; PatchMerge and the pyramid have none."""
+    net = HiViT(**hivit_arch("tiny"), layer_scale_init=0.1)
+    keys = set(net.state_dict())
+    m1, m2 = net.mlp_depths
+    stem = list(range(m1)) + list(range(m1 + 1, m1 + 1 + m2))
+    assert all(f"blocks.{i}.gamma_2" in keys and f"blocks.{i}.gamma_1" not in keys for i in stem)
+    assert f"blocks.{m1}.gamma_2" not in keys and f"blocks.{m1 + 1 + m2}.gamma_2" not in keys
+    assert "blocks.%d.gamma_1" % (m1 + m2 + 2) in keys
+    plain = set(HiViT(**hivit_arch("tiny")).state_dict())
+    assert not any("gamma" in k for k in plain)
+    # gamma_2 scales the MLP branch: zero gamma makes a stem block the identity
+    blk = net.blocks[0]
+    with torch.no_grad():
+        blk.gamma_2.zero_()
+        x = torch.randn(2, 3, 4, 4, blk.norm2.normalized_shape[0])
+        assert torch.equal(blk(x), x)

@@ -28,6 +28,9 @@ optimizer = L(torch.optim.AdamW)(
     lr=1.5e-4 * 4096 / 256,
     betas=(0.9, 0.95),
     weight_decay=0.05,
+    # one fused kernel instead of ~10 small ops per tensor: AdamW fell from 10% to 2.5% of a
+    # CPU pre-training step (tools/benchmark.py --profile); same algorithm.
+    fused=True,
 )
 
 lr_multiplier = L(WarmupParamScheduler)(

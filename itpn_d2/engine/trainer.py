@@ -13,6 +13,7 @@
   check in ``_write_metrics`` runs after backward, on the main process only, and
   names the whole loss dict.)
 """
+import logging
 import math
 from typing import Dict
 
@@ -133,6 +134,14 @@ class AutocastTrainer(FiniteCheckTrainer):
             super().run_step()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX-512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def build_trainer(cfg, model, train_loader, optim):
     """The trainer for ``cfg.train``: fp16 AMP on CUDA, bf16 (or ``train.amp.dtype``)
     autocast elsewhere, else plain fp32; all with the non-finite loss check."""
@@ -142,5 +151,11 @@ def build_trainer(cfg, model, train_loader, optim):
         if device.type == "cuda":
             return FiniteCheckAMPTrainer(model, train_loader, optim)
         dtype = getattr(torch, amp.get("dtype", "bfloat16"))
+        if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+            logging.getLogger(__name__).warning(
+                "train.amp.enabled=True on a CPU without native bf16 (no AVX-512-BF16 / AMX): bf16 "
+                "matmuls and convolutions are emulated and much SLOWER than fp32 here. Consider "
+                "train.amp.enabled=False."
+            )
         return AutocastTrainer(model, train_loader, optim, device_type=device.type, dtype=dtype)
     return FiniteCheckTrainer(model, train_loader, optim)

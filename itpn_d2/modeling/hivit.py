@@ -82,17 +82,28 @@ class MlpBlock(nn.Module):
     """``x + DropPath(MLP(LN(x)))`` on the last dim; any leading shape.
 
     Used for HiViT's stride-4/8 stages and, as the C-MLP, throughout the pyramid.
-    The attribute names (``norm2``, ``mlp``) match the official checkpoints.
+    The attribute names (``norm2``, ``mlp``, ``gamma_2``) match the official checkpoints:
+    with layer-scale (the CLIP variant) the stem blocks carry ``gamma_2`` too, the
+    pyramid's C-MLPs never do.
     """
 
-    def __init__(self, *, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(
+        self, *, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, layer_scale_init: Optional[float] = None
+    ):
         super().__init__()
         self.norm2 = _layer_norm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if layer_scale_init is not None:
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
+        else:
+            self.gamma_2 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        m = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            m = self.gamma_2 * m
+        return x + self.drop_path(m)
 
 
 class PatchMerge(nn.Module):
@@ -306,9 +317,12 @@ class HiViT(nn.Module):
         n = m1 + m2 + depth
         dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear, as torch.linspace
         c4, c8, c16 = self.stage_dims
-        blocks = [MlpBlock(dim=c4, mlp_ratio=stem_mlp_ratio, drop_path=dpr[i]) for i in range(m1)]
+        ls = layer_scale_init
+        blocks = [MlpBlock(dim=c4, mlp_ratio=stem_mlp_ratio, drop_path=dpr[i], layer_scale_init=ls) for i in range(m1)]
         blocks.append(PatchMerge(dim=c4))
-        blocks += [MlpBlock(dim=c8, mlp_ratio=stem_mlp_ratio, drop_path=dpr[m1 + i]) for i in range(m2)]
+        blocks += [
+            MlpBlock(dim=c8, mlp_ratio=stem_mlp_ratio, drop_path=dpr[m1 + i], layer_scale_init=ls) for i in range(m2)
+        ]
         blocks.append(PatchMerge(dim=c8))
         blocks += [
             AttentionBlock(
