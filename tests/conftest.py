@@ -21,6 +21,16 @@ def make_tiny_backbone(fpn_depth: int = 2, out_dim: int = 64, **net_kwargs) -> I
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one intra-op thread; with more, processes on a shared
+    2-core machine (and DataLoader workers) only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_backbone():
     torch.manual_seed(0)
     return make_tiny_backbone().eval()

@@ -20,12 +20,7 @@ from _train_cli import env_for, load_model, make_image_folder, max_abs_diff, met
 from itpn_d2.data.resumable import PositionalMapStream, ResumableTrainingSampler, build_resumable_train_loader
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _take(gen, n):

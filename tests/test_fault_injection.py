@@ -43,12 +43,7 @@ MIM_LOGGER = "itpn_d2.data.mim_mapper"
 SAFE_LOGGER = "itpn_d2.data.safe_mapper"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _smooth(rng, h, w, c=3, dtype=np.uint8, top=255):

@@ -23,13 +23,7 @@ IMG = 64  # 4x4 units
 D = 64  # tiny pyramid width
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one intra-op thread; on a shared CPU more threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_pretrainer(*, mim="fused", mfm=True, mask="random", momentum=0.99, max_iter=0, fpn_depth=2, seed=0):

@@ -21,13 +21,7 @@ PERIOD = 4  # checkpoints after iterations 3 and 7 (model_0000003.pth, model_fin
 STOP_AFTER = 5  # the interrupted run dies after iteration 5, past its last checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one intra-op thread; on a shared CPU more threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class IterationData:
