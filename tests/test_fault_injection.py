@@ -352,3 +352,7 @@ def test_override_keys_are_checked_against_the_config_and_the_called_objects():
         apply_overrides(cfg, ["train.max_iter.x=1"])
     with pytest.raises(ConfigOverrideError, match="cannot parse the config override"):
         apply_overrides(cfg, ["train.max_iter"])
+    with pytest.raises(ConfigOverrideError, match="write model.teacher=null for None"):
+        apply_overrides(cfg, ["model.teacher=None"])
+    apply_overrides(cfg, ["model.teacher=null"])
+    assert cfg.model.teacher is None

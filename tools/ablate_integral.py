@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_CFG = "configs/pretrain/mim_mfm_itpn_tiny_cpu.py"
@@ -38,15 +39,20 @@ VARIANTS = {
 }
 
 
+THREADS = None  # torch threads per run when several run at once (--jobs)
+
+
 def run(cmd, log_path):
     print("$ " + " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if THREADS:
+        env.setdefault("OMP_NUM_THREADS", str(THREADS))
     with open(log_path, "w") as log:
         rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
         with open(log_path) as f:
             sys.stderr.write("".join(f.readlines()[-30:]))
-        sys.exit(f"command failed (exit {rc}); log: {log_path}")
+        raise RuntimeError(f"command failed (exit {rc}); log: {log_path}")
 
 
 def read_metrics(output_dir):
@@ -68,7 +74,7 @@ def pretrain(kind, out, iters):
     if iters:
         cmd += [f"train.max_iter={iters}"]
     if kind == "mim":
-        cmd += ["model.mfm_decoder=None", "model.teacher=None"]
+        cmd += ["model.mfm_decoder=null", "model.teacher=null"]  # hydra syntax for None
     os.makedirs(out, exist_ok=True)
     run(cmd, os.path.join(out, "run.log"))
     return ckpt
@@ -151,26 +157,42 @@ def main(argv=None):
     p.add_argument("--evals", type=int, default=3, help="evaluations during each fine-tuning run")
     p.add_argument("--pretrain-mim-mfm", default=None, help="reuse this MIM+MFM checkpoint (e.g. make demo's)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--jobs", type=int, default=1,
+                   help="fine-tuning runs at once, each with cores/jobs torch threads (a detectron2 step is "
+                        "largely single-threaded, so 2 jobs on 2 cores finish sooner than 1)")
     args = p.parse_args(argv)
+    global THREADS
+    if args.jobs > 1:
+        THREADS = max(1, (os.cpu_count() or 1) // args.jobs)
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
 
     ckpts = {}
     needed = {VARIANTS[v][0] for v in args.variants} - {None}
-    if "mim" in needed:
-        ckpts["mim"] = pretrain("mim", os.path.join(out, "pretrain_mim"), args.pretrain_iters)
-    if "mim_mfm" in needed:
-        ckpts["mim_mfm"] = args.pretrain_mim_mfm or pretrain(
-            "mim_mfm", os.path.join(out, "pretrain_mim_mfm"), args.pretrain_iters)
+    if "mim_mfm" in needed and args.pretrain_mim_mfm:
+        ckpts["mim_mfm"] = args.pretrain_mim_mfm
+    todo = sorted(needed - set(ckpts))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            paths = pool.map(lambda k: pretrain(k, os.path.join(out, f"pretrain_{k}"), args.pretrain_iters), todo)
+            ckpts.update(zip(todo, paths))
+    except RuntimeError as e:
+        sys.exit(f"[ablation] {e}")
 
-    runs = []
-    for seed in args.seeds:
-        for v in args.variants:
-            kind, load_mode = VARIANTS[v]
-            print(f"[ablation] fine-tuning {v}, seed {seed}", flush=True)
-            runs.append(finetune(v, ckpts.get(kind), load_mode, seed, args.finetune_iters, args.evals,
-                                 os.path.join(out, f"ft_{v}_s{seed}")))
+    def one(job):
+        v, seed = job
+        kind, load_mode = VARIANTS[v]
+        print(f"[ablation] fine-tuning {v}, seed {seed}", flush=True)
+        return finetune(v, ckpts.get(kind), load_mode, seed, args.finetune_iters, args.evals,
+                        os.path.join(out, f"ft_{v}_s{seed}"))
+
+    jobs = [(v, seed) for seed in args.seeds for v in args.variants]
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            runs = list(pool.map(one, jobs))
+    except RuntimeError as e:
+        sys.exit(f"[ablation] {e}")
     table = summarise(runs, args.variants)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "runs": runs, "table": table}, f, indent=1)

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itpn_d2  # noqa: E402,F401  (registers backbones, meta-archs, datasets)
 from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError, ITPNCheckpointer  # noqa: E402
 from itpn_d2.data.resumable import set_loader_start_iter  # noqa: E402
-from itpn_d2.engine.distributed import create_ddp_model, launch  # noqa: E402
+from itpn_d2.engine.distributed import create_ddp_model, launch, share_cpu_threads  # noqa: E402
 from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides  # noqa: E402
 from itpn_d2.engine.trainer import NonFiniteLossError, build_trainer  # noqa: E402
 
@@ -124,6 +124,7 @@ def main(args):
     default_setup(cfg, args)
     # default_setup configures detectron2's and fvcore's loggers only.
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="itpn_d2")
+    share_cpu_threads(cfg.train.get("device", "cuda"))
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)

@@ -13,6 +13,7 @@ Here:
 """
 import inspect
 import logging
+import os
 from datetime import timedelta
 
 import torch
@@ -23,7 +24,7 @@ from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["create_ddp_model", "launch"]
+__all__ = ["create_ddp_model", "launch", "share_cpu_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,23 @@ def create_ddp_model(model, *, fp16_compression: bool = False, **kwargs):
 
         ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
     return ddp
+
+
+def share_cpu_threads(device: str) -> int:
+    """Split this machine's cores between the CPU processes that run on it.
+
+    torch gives every process as many intra-op threads as the machine has cores, so N CPU
+    processes on C cores run N*C threads that evict each other; each process gets C // N
+    (at least 1) instead. ``OMP_NUM_THREADS`` set by the user wins. Returns the threads used.
+    """
+    local = comm.get_local_size()
+    if torch.device(device).type != "cpu" or local <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // local)
+    torch.set_num_threads(threads)
+    logger.info(f"{local} CPU processes on {cores} cores: {threads} torch thread(s) each")
+    return threads
 
 
 def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_rank, dist_url, args, timeout):

@@ -141,6 +141,10 @@ def _check_key(cfg, key: str, text: str) -> None:
 def check_override_keys(cfg, overrides: Iterable[str]) -> None:
     """Raise :class:`ConfigOverrideError` for the first malformed override or unknown key."""
     for key, is_add, text in _parse(list(overrides)):
+        if text.split("=", 1)[1].strip() in ("None", "none"):
+            # hydra's grammar reads None as the string "None", which then fails deep inside a
+            # constructor ("'str' object has no attribute ...")
+            raise ConfigOverrideError(f"config override '{text}': write {key}=null for None (hydra syntax)")
         if is_add or key in OPTIONAL_KEYS:
             continue
         _check_key(cfg, key, text)
