@@ -168,3 +168,26 @@ def test_two_cpu_processes_train_like_one(tmp_path):
     assert diff < 1e-5, f"2-process weights differ from 1-process ones by {diff}"
     teacher = [k for k in a if k.startswith("teacher.model.")]
     assert teacher and all(torch.allclose(a[k], b[k], atol=1e-5) for k in teacher)
+
+
+def test_cpu_processes_share_the_cores(monkeypatch):
+    import torch
+    from detectron2.utils import comm
+
+    from itpn_d2.engine import distributed
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(comm, "get_local_size", lambda: 2)
+        monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+        assert distributed.share_cpu_threads("cpu") == 3 and torch.get_num_threads() == 3
+        torch.set_num_threads(5)
+        assert distributed.share_cpu_threads("cuda") == 5  # GPU processes: untouched
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")
+        assert distributed.share_cpu_threads("cpu") == 5  # the user's setting wins
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(comm, "get_local_size", lambda: 1)
+        assert distributed.share_cpu_threads("cpu") == 5  # one process keeps every core
+    finally:
+        torch.set_num_threads(before)
