@@ -18,9 +18,9 @@ def ablate():
 
 
 def _run(variant, seed, box):
-    # two evaluations (iterations 99 and 199), three logged losses
+    # two evaluations (after 100 and 200 iterations), three logged losses
     return {"variant": variant, "seed": seed, "loss": [(9, 3.0), (19, 2.0), (29, 1.0 + seed)],
-            "ap": [(99, box / 2, box / 3), (199, box, box - 1)], "box_AP": box, "mask_AP": box - 1}
+            "ap": [(100, box / 2, box / 3), (200, box, box - 1)], "box_AP": box, "mask_AP": box - 1}
 
 
 def test_table_and_plot(ablate, tmp_path):
@@ -47,3 +47,18 @@ def test_mim_only_pretraining_command_switches_mfm_off(ablate, tmp_path, monkeyp
     overrides = cmd[cmd.index(ablate.PRETRAIN_CFG) + 1:]
     cfg = apply_overrides(LazyConfig.load(os.path.join(ROOT, ablate.PRETRAIN_CFG)), overrides)
     assert cfg.model.mfm_decoder is None and cfg.model.teacher is None and cfg.train.max_iter == 7
+
+
+def test_metrics_of_a_finished_run_are_read_back(ablate, tmp_path):
+    import json
+
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "model_final.pth").write_bytes(b"")  # a finished run is not re-run
+    rows = [{"iteration": 9, "total_loss": 2.5},
+            {"iteration": 99, "bbox/AP": float("nan")},  # no detections yet: NaN box AP, no segm row
+            {"iteration": 300, "bbox/AP": 4.0, "segm/AP": 3.0, "total_loss": 1.5}]
+    (out / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = ablate.finetune("scratch", None, "strict", 0, 300, 3, str(out))
+    assert r["ap"] == [(100, 0.0, 0.0), (300, 4.0, 3.0)] and (r["box_AP"], r["mask_AP"]) == (4.0, 3.0)
+    assert r["loss"] == [(9, 2.5), (300, 1.5)]

@@ -20,6 +20,7 @@ Pre-training checkpoints are reused if present (``--pretrain-mim-mfm`` may point
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -80,6 +81,10 @@ def pretrain(kind, out, iters):
     return ckpt
 
 
+def _ap(v):
+    return 0.0 if v is None or math.isnan(v) else v
+
+
 def finetune(variant, ckpt, load_mode, seed, iters, evals, out):
     if not os.path.exists(os.path.join(out, "model_final.pth")):
         os.makedirs(out, exist_ok=True)
@@ -91,7 +96,10 @@ def finetune(variant, ckpt, load_mode, seed, iters, evals, out):
         run(cmd, os.path.join(out, "run.log"))
     rows = read_metrics(out)
     loss = [(r["iteration"], r["total_loss"]) for r in rows if "total_loss" in r]
-    ap = [(r["iteration"], r["bbox/AP"], r["segm/AP"]) for r in rows if "bbox/AP" in r]
+    # A detector with no detection above the score threshold gets bbox/AP = NaN and no segm
+    # row from COCOEvaluator ("No predictions from the model!"); in COCO terms it scores 0.
+    # (iterations trained, box AP, mask AP); the final evaluation is logged one past max_iter - 1
+    ap = [(min(r["iteration"] + 1, iters), _ap(r.get("bbox/AP")), _ap(r.get("segm/AP"))) for r in rows if "bbox/AP" in r]
     return {"variant": variant, "seed": seed, "loss": loss, "ap": ap, "box_AP": ap[-1][1], "mask_AP": ap[-1][2]}
 
 
@@ -108,8 +116,8 @@ def summarise(runs, variants):
 
         curve = [statistics.mean(r["ap"][k][1] for r in rs) for k in range(len(rs[0]["ap"]))]
         table.append({"variant": v, "seeds": len(rs), "box_AP": ms(box), "mask_AP": ms(mask),
-                      "box_AP_first_eval": ms(first_box), "first_eval_iter": rs[0]["ap"][0][0] + 1,
-                      "eval_iters": [i + 1 for i, _, _ in rs[0]["ap"]], "box_AP_curve": curve})
+                      "box_AP_first_eval": ms(first_box), "first_eval_iter": rs[0]["ap"][0][0],
+                      "eval_iters": [i for i, _, _ in rs[0]["ap"]], "box_AP_curve": curve})
     return table
 
 
@@ -141,7 +149,7 @@ def plot(runs, variants, path):
         its = [i for i, _ in rs[0]["loss"]]
         mean_loss = [statistics.mean(r["loss"][k][1] for r in rs) for k in range(len(its))]
         ax_loss.plot(its, mean_loss, label=v)
-        ap_its = [i + 1 for i, _, _ in rs[0]["ap"]]
+        ap_its = [i for i, _, _ in rs[0]["ap"]]
         ax_ap.plot(ap_its, [statistics.mean(r["ap"][k][1] for r in rs) for k in range(len(ap_its))], marker="o", label=v)
     ax_loss.set(xlabel="fine-tuning iteration", ylabel="total loss (mean over seeds)", title="fine-tuning loss")
     ax_ap.set(xlabel="fine-tuning iteration", ylabel="box AP (mean over seeds)", title="COCO box AP, itpn_synthetic_val")

@@ -11,7 +11,7 @@ Stages, each a plain command printed before it runs (re-run or change any one):
   5. predictions on validation images              tools/demo.py
 and a summary: box AP, mask AP and where everything is.
 
-    python tools/run_main_job.py                    # the full job (about 14 minutes on 2 cores)
+    python tools/run_main_job.py                    # the full job (about 15 minutes on 2 cores)
     python tools/run_main_job.py --quick            # a few iterations per stage (what the test runs)
 """
 import argparse
