@@ -164,7 +164,23 @@ def synthetic_images(batch, img, seed=0):
     return [torch.randint(0, 256, (3, img, img), generator=g, dtype=torch.uint8) for _ in range(batch)]
 
 
-class OursStep:
+class TrainStep:
+    """One optimizer step (``__call__``) or forward + backward only (``fwd_bwd``) of
+    ``self.loss()``: the same code times both sides."""
+
+    def loss(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fwd_bwd(self):
+        self.loss().backward()
+
+    def __call__(self):
+        self.opt.zero_grad(set_to_none=True)
+        self.fwd_bwd()
+        self.opt.step()
+
+
+class OursStep(TrainStep):
     """One pre-training step of our MaskedPretrainer."""
 
     def __init__(self, model, images, device, dtype, forward=None, optimizer=None):
@@ -177,14 +193,6 @@ class OursStep:
         with autocast_ctx(self.device, self.dtype):
             losses = self.forward(self.inputs)
         return sum(losses.values())
-
-    def fwd_bwd(self):
-        self.loss().backward()
-
-    def __call__(self):
-        self.opt.zero_grad(set_to_none=True)
-        self.fwd_bwd()
-        self.opt.step()
 
 
 # ------------------------------------------------------------------------ reference
@@ -237,7 +245,7 @@ def build_reference_optimizer(cfg, model):
     return build_optim_wrapper(model, ow).optimizer
 
 
-class ReferenceStep:
+class ReferenceStep(TrainStep):
     """One pre-training step of mmpretrain's iTPN: data_preprocessor + model.loss."""
 
     def __init__(self, model, images, device, dtype, optimizer=None):
@@ -254,14 +262,6 @@ class ReferenceStep:
             losses = self.model.loss(data["inputs"], data["data_samples"])
             loss, _ = self.model.parse_losses(losses)
         return loss
-
-    def fwd_bwd(self):
-        self.loss().backward()
-
-    def __call__(self):
-        self.opt.zero_grad(set_to_none=True)
-        self.fwd_bwd()
-        self.opt.step()
 
 
 # ------------------------------------------------------------------------- reports

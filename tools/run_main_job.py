@@ -97,7 +97,6 @@ def main(argv=None) -> None:
     ft_iters = args.finetune_iters or (4 if args.quick else None)
     data_root = os.path.abspath(args.data_root) if args.data_root else None
     gen = [py, "datasets/generate_synthetic.py"]
-    env_root = []
     if data_root:
         gen += ["--root", data_root]
         os.environ["ITPN_SYNTHETIC_ROOT"] = data_root
@@ -111,7 +110,6 @@ def main(argv=None) -> None:
     cmd = [py, "tools/lazyconfig_train_net.py", "--config-file", PRETRAIN_CFG, f"train.output_dir={pre_dir}"]
     if pre_iters:
         cmd += [f"train.max_iter={pre_iters}", f"train.checkpointer.period={pre_iters}", "train.log_period=1"]
-    cmd += env_root
     run_stage("2/5 pre-training (MIM + MFM, EMA teacher)", cmd, os.path.join(out, "pretrain.log"))
     pre_ckpt = os.path.join(pre_dir, "model_final.pth")
 

@@ -14,7 +14,6 @@ model adds to its event storage. This works unchanged in DataLoader workers: eac
 worker counts its own skips and hands them over with its own next sample, so
 summing over the batches counts every skip exactly once.
 """
-import logging
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -26,9 +25,10 @@ from detectron2.utils.file_io import PathManager
 from fvcore.transforms.transform import CropTransform, TransformList
 from PIL import Image, ImageFile
 
+from .skipped_files import SkippedFileCounter
+
 __all__ = ["MIMDatasetMapper", "RandomResizedCrop", "read_rgb_image"]
 
-logger = logging.getLogger(__name__)
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -143,7 +143,7 @@ class RandomResizedCrop(T.Augmentation):
         )
 
 
-class MIMDatasetMapper:
+class MIMDatasetMapper(SkippedFileCounter):
     """
     Map an unlabelled image dict to a pre-training sample.
 
@@ -193,26 +193,13 @@ class MIMDatasetMapper:
             cj = self.color_jitter
             self._jitter = v2.ColorJitter(brightness=cj, contrast=cj, saturation=cj)
 
-        # Per process (each DataLoader worker holds its own copy of the mapper).
-        self.num_skipped = 0  # total unreadable-file skips in this process
-        self._pending_skips = 0  # skips not yet reported on a good sample
-        self._warned = set()
+        self._init_skip_counter()
 
     def __repr__(self):
         return (
             f"MIMDatasetMapper(image_size={self.image_size}, augmentations={self.augmentations}, "
             f"color_jitter={self.color_jitter})"
         )
-
-    def _skip(self, file_name: str, err: Exception) -> None:
-        self.num_skipped += 1
-        self._pending_skips += 1
-        if file_name not in self._warned:
-            self._warned.add(file_name)
-            logger.warning(
-                f"Skipping unreadable image file '{file_name}' ({type(err).__name__}: {err}). "
-                "It is counted in the 'skipped_images' metric; further failures of this file are not logged."
-            )
 
     def __call__(self, dataset_dict: dict) -> Optional[dict]:
         dataset_dict = dict(dataset_dict)  # the dataset's dicts are shared: never modify them
@@ -237,6 +224,5 @@ class MIMDatasetMapper:
             tensor = self._jitter(tensor)
         dataset_dict["image"] = tensor.float()
         dataset_dict["height"], dataset_dict["width"] = h, w
-        dataset_dict["skipped_images"] = self._pending_skips
-        self._pending_skips = 0
+        self._hand_over_skips(dataset_dict)
         return dataset_dict

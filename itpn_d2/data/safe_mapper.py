@@ -13,7 +13,6 @@ Use it for training only: at test time a skipped image would silently change the
 evaluated set, so test loaders keep the failing ``DatasetMapper``.
 """
 import copy
-import logging
 
 import numpy as np
 import torch
@@ -22,21 +21,18 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from .mim_mapper import read_rgb_image
+from .skipped_files import SkippedFileCounter
 
 __all__ = ["SafeDatasetMapper"]
 
-logger = logging.getLogger(__name__)
 
 
-class SafeDatasetMapper(DatasetMapper):
+class SafeDatasetMapper(SkippedFileCounter, DatasetMapper):
     """``DatasetMapper`` (same arguments) that returns ``None`` for an unreadable image."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Per process: each DataLoader worker holds its own copy of the mapper.
-        self.num_skipped = 0
-        self._pending_skips = 0
-        self._warned = set()
+        self._init_skip_counter()
 
     def read_image(self, file_name: str) -> np.ndarray:
         """(H, W, 3) uint8 in ``self.image_format`` (RGB / BGR), or detectron2's reader for other formats."""
@@ -44,16 +40,6 @@ class SafeDatasetMapper(DatasetMapper):
             image = read_rgb_image(file_name)
             return image[:, :, ::-1].copy() if self.image_format == "BGR" else image
         return utils.read_image(file_name, format=self.image_format)
-
-    def _skip(self, file_name: str, err: Exception) -> None:
-        self.num_skipped += 1
-        self._pending_skips += 1
-        if file_name not in self._warned:
-            self._warned.add(file_name)
-            logger.warning(
-                f"Skipping unreadable image file '{file_name}' ({type(err).__name__}: {err}); "
-                f"{self.num_skipped} image(s) skipped so far by this process. Another image is used in its place."
-            )
 
     def __call__(self, dataset_dict):
         """As ``DatasetMapper.__call__``; ``None`` when the image file cannot be decoded."""
@@ -78,8 +64,7 @@ class SafeDatasetMapper(DatasetMapper):
             dataset_dict["sem_seg"] = torch.as_tensor(sem_seg_gt.astype("long"))
         if self.proposal_topk is not None:
             utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
-        dataset_dict["skipped_images"] = self._pending_skips
-        self._pending_skips = 0
+        self._hand_over_skips(dataset_dict)
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
