@@ -28,7 +28,10 @@ GFLOP/s, so a base-model step would take hours (``--force-bf16`` runs it anyway)
 
 Peak memory: GPU ``torch.cuda.max_memory_allocated``; CPU the process's resident-set
 high-water mark during one step (both models live in one process, so on CPU it is a
-process figure, not a per-side one).
+process figure, not a per-side one). Detection also prints "peak allocated": live
+tensor bytes at their peak from the profiler's allocation events, the quantity
+``max_memory_allocated`` reports on a GPU, so a CPU run estimates what a card needs
+(``--opts model.backbone.net.use_act_checkpoint=True`` for activation checkpointing).
 
 Examples::
 
@@ -36,6 +39,9 @@ Examples::
     python tools/benchmark.py --what pretrain --batch 4 --dtypes fp32,bf16 --opts optimizer.fused=True
     # detection at 800 and 1024 px, batch 1, few reps (CPU)
     python tools/benchmark.py --what det --quick
+    # memory of the base detector at 1024x1024, batch 2, with activation checkpointing
+    python tools/benchmark.py --what det --memory-only --det-batch 2 --det-sizes 1024x1024 --dtypes fp32 \
+        --opts model.backbone.net.use_act_checkpoint=True
     # anything on a tiny model (tests): any config key can be overridden
     python tools/benchmark.py --quick --what pretrain,det --arch tiny --img 64 --det-sizes 128x128
 
@@ -61,6 +67,8 @@ from itpn_d2.utils.benchmark import (  # noqa: E402
     count_flops,
     format_summary,
     matmul_rate,
+    live_tensor_bytes,
+    peak_allocated,
     peak_memory,
     summarize,
     time_interleaved,
@@ -102,6 +110,9 @@ def parse_args(argv=None):
                    help="recipe: each side's own config (AdamW + its param groups); "
                         "plain: the same 2-group torch AdamW on both sides")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--memory-only", action="store_true",
+                   help="detection: no timing; one warm-up training step (optimizer state exists), "
+                        "then peak allocated of one training and one inference step")
     p.add_argument("--profile", default=None, help="write torch.profiler tables of our pre-training step here")
     return p.parse_args(argv)
 
@@ -465,17 +476,28 @@ def bench_det(args, device, warmup, reps):
 
             tag = f"{h}x{w} {dname}" + (f" (heads {heads})" if dtype != torch.float32 else "")
             model.train()
-            s = summarize(time_reps(train_step, warmup=warmup, reps=reps, device=device))
-            print(f"[det] train {tag}: {batch / s['median']:.2f} img/s; step {format_summary(s)}")
+            if args.memory_only:
+                train_step()  # creates the optimizer state, which is live during every later step
+            else:
+                s = summarize(time_reps(train_step, warmup=warmup, reps=reps, device=device))
+                print(f"[det] train {tag}: {batch / s['median']:.2f} img/s; step {format_summary(s)}")
             if not args.no_memory:
-                print(f"[det] train {tag}: peak memory {fmt_mem(peak_memory(train_step, device))}")
+                if not args.memory_only:
+                    print(f"[det] train {tag}: peak memory {fmt_mem(peak_memory(train_step, device))}")
+                opt.zero_grad(set_to_none=True)  # the step's own zero_grad must free nothing counted
+                live = live_tensor_bytes(model, opt, inputs)
+                print(f"[det] train {tag}: peak allocated {fmt_mem(peak_allocated(train_step, device, baseline=live))}")
             opt.zero_grad(set_to_none=True)
             del opt
             model.eval()
-            s = summarize(time_reps(infer, warmup=warmup, reps=reps, device=device))
-            print(f"[det] inference {tag}: latency {format_summary(s)} for batch {batch}")
+            if not args.memory_only:
+                s = summarize(time_reps(infer, warmup=warmup, reps=reps, device=device))
+                print(f"[det] inference {tag}: latency {format_summary(s)} for batch {batch}")
             if not args.no_memory:
-                print(f"[det] inference {tag}: peak memory {fmt_mem(peak_memory(infer, device))}")
+                if not args.memory_only:
+                    print(f"[det] inference {tag}: peak memory {fmt_mem(peak_memory(infer, device))}")
+                live = live_tensor_bytes(model, inputs)
+                print(f"[det] inference {tag}: peak allocated {fmt_mem(peak_allocated(infer, device, baseline=live))}")
     set_head_autocast(model, enabled=True)
 
 
