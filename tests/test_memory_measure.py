@@ -1,5 +1,6 @@
 """The memory figures tools/benchmark.py reports: live tensor bytes before a step and the
-peak allocated during it (the CPU stand-in for torch.cuda.max_memory_allocated)."""
+peak allocated during it (the CPU stand-in for torch.cuda.max_memory_allocated); and the
+datasheet peak it divides by for GPU MFU."""
 import torch
 
 from itpn_d2.modeling import HiViT, hivit_arch
@@ -48,3 +49,16 @@ def test_activation_checkpointing_lowers_the_peak(one_thread):
         peaks[ckpt] = peak_allocated(step)["delta"]
         assert net.blocks[-1].attn.qkv.weight.grad is not None
     assert peaks[True] < 0.7 * peaks[False], peaks  # measured 36 vs 70 MB
+
+
+def test_datasheet_peak_matches_the_card_name():
+    """MFU's denominator: the specific part (PCIe, NVL) before the generic name; fp32 and unknown
+    cards have none, so the benchmark falls back to the measured matmul rate."""
+    from itpn_d2.utils.benchmark import datasheet_tflops
+
+    assert datasheet_tflops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4
+    assert datasheet_tflops("NVIDIA H100 PCIe", torch.bfloat16) == 756.5
+    assert datasheet_tflops("NVIDIA H200", torch.float16) == 989.4
+    assert datasheet_tflops("NVIDIA A100-SXM4-40GB", torch.bfloat16) == 312.0
+    assert datasheet_tflops("NVIDIA H100 80GB HBM3", torch.float32) is None
+    assert datasheet_tflops("NVIDIA GeForce GTX 1080", torch.bfloat16) is None

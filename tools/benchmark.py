@@ -9,7 +9,10 @@ model runs in the same process, rep by rep interleaved with ours, with the same
 batch, resolution, mask ratio, optimizer and dtype; the tool prints the speed ratio
 ours/reference, achieved GFLOP/s of both (FLOPs of one step from
 ``torch.utils.flop_counter``, 2 per multiply-add, forward + backward) and their
-fraction of a 2048x2048 matmul's rate measured in the same run for the same dtype.
+fraction of a 2048x2048 matmul's rate measured in the same run for the same dtype
+(8192x8192 on a GPU). On a GPU under bf16/fp16 it also prints model FLOPs utilisation:
+those step FLOPs per second over the card's dense tensor-core peak from its datasheet
+(built-in for A100/H100/H200, ``--peak-tflops`` for others).
 If mmpretrain is not installed, our side still runs and the reference is reported
 as unavailable.
 
@@ -65,6 +68,7 @@ if ROOT not in sys.path:
 from itpn_d2.utils.benchmark import (  # noqa: E402
     autocast_ctx,
     count_flops,
+    datasheet_tflops,
     format_summary,
     matmul_rate,
     live_tensor_bytes,
@@ -105,6 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile our model (pre-training)")
     p.add_argument("--force-bf16", action="store_true",
                    help="run bf16 even on a CPU without native bf16 (emulated: 100x+ slower)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="GPU: the card's dense bf16/fp16 peak for MFU, when it is not in the built-in table")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--optimizer", choices=["recipe", "plain"], default="recipe",
                    help="recipe: each side's own config (AdamW + its param groups); "
@@ -363,9 +369,17 @@ def bench_pretrain(args, device, warmup, reps):
     results = {}
     for dname in dtypes:
         dtype = DTYPES[dname]
-        n = 2048 if native_low_precision(device, dtype) else 512  # emulated bf16: 2048^3 takes minutes
+        if torch.device(device).type == "cuda":
+            n = 8192  # 2048^3 is too little work to fill a large GPU
+        else:
+            n = 2048 if native_low_precision(device, dtype) else 512  # emulated bf16: 2048^3 takes minutes
         peak = matmul_rate(dtype, n=n, device=device, reps=3 if args.quick else 5, warmup=1)
         print(f"[pretrain] matmul {n}x{n} {dname}: {peak:.1f} GFLOP/s")
+        card = None
+        if torch.device(device).type == "cuda" and dtype != torch.float32:
+            card = args.peak_tflops or datasheet_tflops(torch.cuda.get_device_name(device), dtype)
+            print(f"[pretrain] {dname} datasheet peak: " + (
+                f"{card:.1f} TFLOP/s dense" if card else "unknown card (--peak-tflops gives it)"))
         steps = {"ours": OursStep(ours, images, device, dtype, forward, ours_opt)}
         if ref is not None:
             try:
@@ -387,6 +401,9 @@ def bench_pretrain(args, device, warmup, reps):
             print(f"[pretrain] {name} {dname}: {ips:.2f} img/s; step {format_summary(s)}")
             print(f"[pretrain] {name} {dname}: {flops[name] / args.batch / 1e9:.2f} GFLOP/img fwd+bwd; "
                   f"{rate:.1f} GFLOP/s = {100 * rate / peak:.0f}% of the {dname} matmul rate")
+            if card:
+                print(f"[pretrain] {name} {dname}: MFU {100 * rate / (card * 1e3):.1f}% of the datasheet peak "
+                      "(model FLOPs of the step from torch.utils.flop_counter / step time)")
             if not args.no_memory:
                 mem = peak_memory(step, device)
                 print(f"[pretrain] {name} {dname}: peak memory {fmt_mem(mem)}")

@@ -13,6 +13,8 @@ optimizer step, or an inference call):
   without it attention FLOPs would be silently missing on CPU.
 * :func:`matmul_rate`: GFLOP/s of a plain square matmul, the machine's practical
   peak for a dtype.
+* :func:`datasheet_tflops`: a GPU's dense bf16/fp16 tensor-core peak from its
+  datasheet, the denominator of model FLOPs utilisation (MFU) as usually quoted.
 * :func:`peak_memory`: peak bytes during one call: ``torch.cuda.max_memory_allocated``
   on GPU; on CPU the process's resident-set high-water mark during the call (Linux
   ``VmHWM``, reset through ``/proc/self/clear_refs`` before the call), with the
@@ -37,6 +39,7 @@ __all__ = [
     "count_flops",
     "register_cpu_sdpa_flops",
     "matmul_rate",
+    "datasheet_tflops",
     "peak_memory",
     "peak_allocated",
     "live_tensor_bytes",
@@ -152,6 +155,32 @@ def matmul_rate(dtype: torch.dtype, *, n: int = 2048, device="cpu", reps: int = 
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     t = time_reps(lambda: torch.mm(a, b), warmup=warmup, reps=reps, device=device)
     return 2.0 * n**3 / min(t) / 1e9
+
+
+# Dense (no 2:4 sparsity) bf16 = fp16 tensor-core TFLOP/s from NVIDIA's datasheets. Keys are
+# matched against torch.cuda.get_device_name() in this order, so the more specific name comes
+# first ("H100 PCIe" and "H100 NVL" before the SXM part, whose name is e.g. "NVIDIA H100 80GB HBM3").
+_DATASHEET_BF16_TFLOPS = (
+    ("H200 NVL", 835.5),
+    ("H200", 989.4),
+    ("H100 PCIe", 756.5),
+    ("H100 NVL", 835.5),
+    ("H100", 989.4),
+    ("A100", 312.0),
+)
+
+
+def datasheet_tflops(device_name: str, dtype: torch.dtype) -> Optional[float]:
+    """Datasheet dense tensor-core peak (TFLOP/s) of the GPU called ``device_name`` for bf16 or
+    fp16; None for other dtypes and cards not in the table (the caller then reports the fraction
+    of the measured matmul rate only)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = device_name.upper()
+    for key, tflops in _DATASHEET_BF16_TFLOPS:
+        if key.upper() in name:
+            return tflops
+    return None
 
 
 def _status_kb(field: str) -> Optional[int]:
