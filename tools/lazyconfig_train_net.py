@@ -9,6 +9,8 @@ Additions over detectron2's script (our configs also run under the stock one):
   refuses a checkpoint whose backbone keys are missing or mis-shaped and lists them
   (``train.backbone_load``: strict | encoder_only | partial).
 * ``train.extra_hooks``: a list of LazyCall hooks (e.g. ``ReconstructionVisualizer``).
+* ``train.compile.enabled=True``: ``torch.compile`` the backbone and decoders in place
+  (:mod:`itpn_d2.engine.compile`; ``train.compile.options`` go to ``torch.compile``).
 
 Reliability (see the README section "Multi-process and multi-node runs"):
 * ``--num-gpus N`` is detectron2's "processes per machine": N GPUs with NCCL, or, with
@@ -42,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itpn_d2  # noqa: E402,F401  (registers backbones, meta-archs, datasets)
 from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError, ITPNCheckpointer  # noqa: E402
 from itpn_d2.data.resumable import set_loader_start_iter  # noqa: E402
+from itpn_d2.engine.compile import maybe_compile  # noqa: E402
 from itpn_d2.engine.distributed import create_ddp_model, launch, share_cpu_threads  # noqa: E402
 from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides  # noqa: E402
 from itpn_d2.engine.trainer import NonFiniteLossError, build_trainer  # noqa: E402
@@ -73,6 +76,7 @@ def do_train(args, cfg):
     model = instantiate(cfg.model)
     logger.info("Model:\n{}".format(model))
     model.to(cfg.train.device)
+    maybe_compile(model, cfg.train.get("compile", None))
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
@@ -128,6 +132,7 @@ def main(args):
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
+        maybe_compile(model, cfg.train.get("compile", None))
         model = create_ddp_model(model)
         # A model to evaluate is a trained one: all of its backbone must be in the file, whatever
         # train.backbone_load the config uses for pre-trained weights.

@@ -21,6 +21,7 @@ from itpn_d2.modeling.slide_segmentor import SlidingWindowSemanticSegmentor
 
 from ..common.data.ade20k import dataloader
 from ..common.models.uper_itpn import model
+from ..common.train_compile import train_compile
 
 # Whole-model class swap; every argument of SemanticSegmentor carries over.
 model._target_ = SlidingWindowSemanticSegmentor
@@ -28,6 +29,7 @@ model.crop_size = (512, 512)
 model.stride = (341, 341)
 
 train = model_zoo.get_config("common/train.py").train
+train.compile = train_compile
 train.max_iter = 160000
 train.eval_period = 16000
 train.checkpointer.period = 16000

@@ -22,8 +22,10 @@ from ..common.coco_schedule import lr_multiplier_1x as lr_multiplier
 from ..common.data.coco import dataloader
 from ..common.models.mask_rcnn_itpn import model
 from ..common.optim import AdamW as optimizer
+from ..common.train_compile import train_compile
 
 train = model_zoo.get_config("common/train.py").train
+train.compile = train_compile
 train.init_checkpoint = "checkpoints/itpn_base_pretrain.pth"  # placeholder: set on the command line
 train.backbone_load = "strict"
 train.max_iter = 90000

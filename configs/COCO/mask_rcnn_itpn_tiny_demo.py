@@ -20,6 +20,7 @@ from itpn_d2.modeling import hivit_arch
 from ..common.coco_schedule import step_schedule
 from ..common.models.mask_rcnn_itpn import model
 from ..common.optim import AdamW as optimizer
+from ..common.train_compile import train_compile
 
 FPN_DIM = 64
 MAX_ITER = 450  # with lr 6e-4 and 64 sampled ROIs: fits the 15-minute demo (README, main job)
@@ -67,6 +68,7 @@ dataloader.evaluator = L(COCOEvaluator)(
 
 # --- schedule ------------------------------------------------------------------------
 train = model_zoo.get_config("common/train.py").train
+train.compile = train_compile
 train.init_checkpoint = ""  # random init; the demo passes the pre-training checkpoint
 train.backbone_load = "strict"
 train.output_dir = "./output/demo/finetune"

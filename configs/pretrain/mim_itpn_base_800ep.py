@@ -9,8 +9,10 @@ from detectron2 import model_zoo
 from ..common.data.pretrain_folder import dataloader
 from ..common.models.pretrain_itpn import model
 from ..common.pretrain_schedule import lr_multiplier, optimizer, set_schedule
+from ..common.train_compile import train_compile
 
 train = model_zoo.get_config("common/train.py").train
+train.compile = train_compile
 train.amp.enabled = True
 train.output_dir = "./output/pretrain/mim_itpn_base_800ep"
 train.checkpointer.period = 10000

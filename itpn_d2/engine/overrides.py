@@ -25,7 +25,10 @@ from omegaconf import DictConfig, ListConfig
 __all__ = ["ConfigOverrideError", "check_override_keys", "apply_overrides", "OPTIONAL_KEYS"]
 
 # Read by tools/lazyconfig_train_net.py with cfg.train.get(...): valid even where the config lacks them.
-OPTIONAL_KEYS = ("train.backbone_load", "train.amp.dtype", "train.extra_hooks", "train.seed", "train.cudnn_benchmark")
+OPTIONAL_KEYS = (
+    "train.backbone_load", "train.amp.dtype", "train.extra_hooks", "train.seed", "train.cudnn_benchmark",
+    "train.compile.enabled",
+)
 
 
 class ConfigOverrideError(KeyError):

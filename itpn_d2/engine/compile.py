@@ -1,0 +1,82 @@
+"""``torch.compile`` as a config switch (``train.compile``).
+
+Only the tensor-heavy submodules are compiled, each in place with ``nn.Module.compile``:
+
+* in place, so parameter names (and therefore checkpoints, the pre-training -> detection
+  key mapping and DDP) are exactly those of the eager model: ``torch.compile(model)``
+  would wrap it and prefix every key with ``_orig_mod.``;
+* submodules, not the whole meta-architecture, because the meta-architectures' ``forward``
+  is Python bookkeeping (masks drawn from seeds, event-storage scalars, an iteration
+  counter, detectron2's proposal sampling) that either breaks the graph or changes every
+  step and would make dynamo recompile until it gives up.
+
+The default paths cover the backbone of every model here (``backbone.net`` and
+``backbone.pyramid``: the pre-trainer calls them directly, the detectors through
+``ITPNBackbone``), the pre-training decoders and the EMA teacher's backbone. Paths that a
+model does not have, or that are ``None`` (e.g. no MFM decoder), are skipped.
+"""
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import torch.nn as nn
+
+__all__ = ["DEFAULT_COMPILE_MODULES", "compile_modules", "maybe_compile"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMPILE_MODULES = (
+    "backbone.net",
+    "backbone.pyramid",
+    "pixel_decoder",
+    "mfm_decoder",
+    "teacher.model.net",  # the EMA teacher's copy of the backbone (an external teacher has neither)
+    "teacher.model.pyramid",
+)
+
+
+def _lookup(model: nn.Module, path: str) -> Optional[object]:
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def compile_modules(
+    model: nn.Module, modules: Sequence[str] = DEFAULT_COMPILE_MODULES, **options
+) -> List[str]:
+    """Compile each submodule named by a dotted path in ``modules`` in place
+    (``nn.Module.compile(**options)``; ``options`` are ``torch.compile``'s: ``backend``,
+    ``mode``, ``dynamic``, ``fullgraph``...). Returns the paths compiled.
+
+    Raises ValueError if none of the paths exists (a typo would otherwise silently leave the
+    model eager), and TypeError if a path names something that is not a module.
+    """
+    done = []
+    for path in modules:
+        sub = _lookup(model, path)
+        if sub is None:
+            continue
+        if not isinstance(sub, nn.Module):
+            raise TypeError(f"train.compile.modules: '{path}' is a {type(sub).__name__}, not an nn.Module")
+        sub.compile(**options)
+        done.append(path)
+    if not done:
+        raise ValueError(
+            f"train.compile.modules: none of {list(modules)} exists in {type(model).__name__}; "
+            "give dotted paths of its submodules (e.g. backbone.net)"
+        )
+    return done
+
+
+def maybe_compile(model: nn.Module, compile_cfg: Optional[Dict]) -> List[str]:
+    """Apply ``train.compile`` (a dict: ``enabled``, optional ``modules`` and ``options``) to
+    ``model``; a no-op when it is absent or disabled."""
+    if not compile_cfg or not compile_cfg.get("enabled", False):
+        return []
+    modules = compile_cfg.get("modules", None) or DEFAULT_COMPILE_MODULES
+    options = dict(compile_cfg.get("options", None) or {})
+    done = compile_modules(model, modules, **options)
+    logger.info(f"torch.compile ({options or 'default options'}) on: {', '.join(done)}")
+    return done
