@@ -120,7 +120,8 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument("--memory-only", action="store_true",
                    help="detection: no timing; one warm-up training step (optimizer state exists), "
-                        "then peak allocated of one training and one inference step")
+                        "then peak allocated of one training and one inference step "
+                        "(on a GPU also max_memory_allocated)")
     p.add_argument("--profile", default=None, help="write torch.profiler tables of our pre-training step here")
     return p.parse_args(argv)
 
@@ -367,17 +368,18 @@ def bench_pretrain(args, device, warmup, reps):
               "--reference on forces it)")
 
     images = synthetic_images(args.batch, args.img)
+    on_gpu = torch.device(device).type == "cuda"
     results = {}
     for dname in dtypes:
         dtype = DTYPES[dname]
-        if torch.device(device).type == "cuda":
+        if on_gpu:
             n = 8192  # 2048^3 is too little work to fill a large GPU
         else:
             n = 2048 if native_low_precision(device, dtype) else 512  # emulated bf16: 2048^3 takes minutes
         peak = matmul_rate(dtype, n=n, device=device, reps=3 if args.quick else 5, warmup=1)
         print(f"[pretrain] matmul {n}x{n} {dname}: {peak:.1f} GFLOP/s")
         card = None
-        if torch.device(device).type == "cuda" and dtype != torch.float32:
+        if on_gpu and dtype != torch.float32:
             card = args.peak_tflops or datasheet_tflops(torch.cuda.get_device_name(device), dtype)
             print(f"[pretrain] {dname} datasheet peak: " + (
                 f"{card:.1f} TFLOP/s dense" if card else "unknown card (--peak-tflops gives it)"))
@@ -470,7 +472,8 @@ def bench_det(args, device, warmup, reps):
     model = instantiate(cfg.model).to(device)
     if args.compile:
         print(f"[det] torch.compile on {', '.join(compile_modules(model))}")
-    batch = args.det_batch or (2 if torch.device(device).type == "cuda" else 1)
+    on_gpu = torch.device(device).type == "cuda"
+    batch = args.det_batch or (2 if on_gpu else 1)
     n = sum(p.numel() for p in model.parameters())
     print(f"[det] {args.det_config}{' arch=' + args.arch if args.arch else ''}: {n / 1e6:.2f}M parameters, "
           f"batch {batch}")
@@ -502,7 +505,7 @@ def bench_det(args, device, warmup, reps):
                 s = summarize(time_reps(train_step, warmup=warmup, reps=reps, device=device))
                 print(f"[det] train {tag}: {batch / s['median']:.2f} img/s; step {format_summary(s)}")
             if not args.no_memory:
-                if not args.memory_only:
+                if on_gpu or not args.memory_only:  # the real max_memory_allocated on a GPU; CPU RSS costs a step
                     print(f"[det] train {tag}: peak memory {fmt_mem(peak_memory(train_step, device))}")
                 opt.zero_grad(set_to_none=True)  # the step's own zero_grad must free nothing counted
                 live = live_tensor_bytes(model, opt, inputs)
@@ -514,7 +517,7 @@ def bench_det(args, device, warmup, reps):
                 s = summarize(time_reps(infer, warmup=warmup, reps=reps, device=device))
                 print(f"[det] inference {tag}: latency {format_summary(s)} for batch {batch}")
             if not args.no_memory:
-                if not args.memory_only:
+                if on_gpu or not args.memory_only:  # the real max_memory_allocated on a GPU; CPU RSS costs a step
                     print(f"[det] inference {tag}: peak memory {fmt_mem(peak_memory(infer, device))}")
                 live = live_tensor_bytes(model, inputs)
                 print(f"[det] inference {tag}: peak allocated {fmt_mem(peak_allocated(infer, device, baseline=live))}")
