@@ -28,11 +28,23 @@ import numpy as np
 import torch
 import tqdm
 from detectron2.config import LazyConfig
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itpn_d2  # noqa: E402,F401  (registers the backbone and heads)
+from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError  # noqa: E402
+from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides  # noqa: E402
 from itpn_d2.utils.predictor import LazyPredictor, metadata_for, visualize  # noqa: E402
+
+
+
+class NoReadableInputError(RuntimeError):
+    """None of the input images could be read."""
+
+
+# The user's input, not a bug: one ERROR line and a non-zero exit.
+USER_ERRORS = (ConfigOverrideError, CheckpointFileError, BackboneLoadError, FileNotFoundError, NoReadableInputError)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -49,6 +61,11 @@ def get_parser():
     )
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn instances")
     p.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast (CPU or GPU)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="run without train.init_checkpoint on purpose (an untrained model); refused otherwise",
+    )
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="LazyConfig overrides key=value")
     return p
 
@@ -71,7 +88,7 @@ def setup_cfg(args):
     if "train" not in cfg:  # a model-only config, e.g. configs/common/models/*.py
         cfg.train = {"init_checkpoint": ""}
     cfg.train.device = "cpu"  # the demo's default; --opts train.device=cuda overrides it
-    cfg = LazyConfig.apply_overrides(cfg, list(args.opts))
+    cfg = apply_overrides(cfg, list(args.opts))  # unknown keys (typos) are refused
     # Drop detections under the threshold already in the box predictor, as detectron2's demo does.
     predictor = cfg.model.get("roi_heads", {}).get("box_predictor", None)
     if predictor is not None and "test_score_thresh" in predictor:
@@ -79,14 +96,20 @@ def setup_cfg(args):
     return cfg
 
 
-def load_weights(model, cfg, logger):
+def load_weights(model, cfg, logger, random_weights: bool = False):
     path = cfg.train.get("init_checkpoint", "") if "train" in cfg else ""
     if not path:
-        logger.warning("no train.init_checkpoint given: the model has random weights")
+        if not random_weights:
+            raise CheckpointFileError(
+                "no weights: set --opts train.init_checkpoint=PATH (or pass --random-weights to run an "
+                "untrained model on purpose)"
+            )
+        logger.warning("--random-weights: the model has random weights")
         return
     from itpn_d2.checkpoint import ITPNCheckpointer
 
     ITPNCheckpointer(model, backbone_load=cfg.train.get("backbone_load", "strict")).load(path, checkpointables=[])
+    logger.info(f"Weights: {path}")
 
 
 def output_path(output, input_path, n_inputs):
@@ -99,12 +122,27 @@ def output_path(output, input_path, n_inputs):
     return output
 
 
-def run_images(args, predictor, metadata, logger):
-    files = expand_inputs(args.input)
+def _read_bgr(path):
+    """(H, W, 3) uint8 BGR, or None for a file that is not a readable image."""
+    try:
+        with PathManager.open(path, "rb") as f:
+            buf = np.frombuffer(f.read(), np.uint8)
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    except (OSError, cv2.error):
+        return None
+
+
+def run_images(args, predictor, metadata, logger, files=None):
+    """Run on every input image; an unreadable one is skipped, counted and named in the summary
+    line. Returns (done, skipped file names)."""
+    files = expand_inputs(args.input) if files is None else files
+    skipped, done = [], 0
     for path in tqdm.tqdm(files, disable=not args.output):
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        img = _read_bgr(path)
         if img is None:
-            raise ValueError(f"cannot read image {path}")
+            skipped.append(path)
+            logger.warning(f"skipping {path!a}: not a readable image")
+            continue
         t = time.time()
         pred = predictor(img)
         logger.info(f"{path}: {_describe(pred)} in {time.time() - t:.2f}s")
@@ -113,6 +151,12 @@ def run_images(args, predictor, metadata, logger):
             out = output_path(args.output, path, len(files))
             if not cv2.imwrite(out, vis[:, :, ::-1]):
                 raise OSError(f"cannot write {out}")
+        done += 1
+    shown = ", ".join(repr(os.path.basename(f))[1:-1] for f in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    logger.info(f"{done} images done, {len(skipped)} skipped" + (f" (unreadable: {shown})" if skipped else ""))
+    if not done:
+        raise NoReadableInputError(f"--input: none of the {len(files)} files is a readable image")
+    return done, skipped
 
 
 def run_video(args, predictor, metadata, logger):
@@ -170,15 +214,22 @@ def main(argv=None):
     if bool(args.input) == bool(args.video_input):
         raise SystemExit("give exactly one of --input and --video-input")
     setup_logger(name="fvcore")
+    setup_logger(name="itpn_d2")
     logger = setup_logger(name="itpn_d2.demo")
-    cfg = setup_cfg(args)
-    predictor = LazyPredictor(cfg, bf16=args.bf16)
-    load_weights(predictor.model, cfg, logger)
-    metadata = metadata_for(cfg)
-    if args.input:
-        run_images(args, predictor, metadata, logger)
-    else:
-        run_video(args, predictor, metadata, logger)
+    try:
+        files = expand_inputs(args.input) if args.input else None  # before building the model
+        cfg = setup_cfg(args)
+        predictor = LazyPredictor(cfg, bf16=args.bf16)
+        load_weights(predictor.model, cfg, logger, random_weights=args.random_weights)
+        metadata = metadata_for(cfg)
+        if args.input:
+            run_images(args, predictor, metadata, logger, files)
+        else:
+            run_video(args, predictor, metadata, logger)
+    except USER_ERRORS as e:
+        msg = str(e) if isinstance(e, BackboneLoadError) else str(e).splitlines()[0]
+        print(f"ERROR: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, ConfigOverrideError) else 1)
 
 
 if __name__ == "__main__":

@@ -42,15 +42,31 @@ from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itpn_d2  # noqa: E402,F401  (registers backbones, meta-archs, datasets)
-from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError, ITPNCheckpointer  # noqa: E402
+from itpn_d2.checkpoint import (  # noqa: E402
+    BackboneLoadError,
+    CheckpointFileError,
+    CheckpointWriteError,
+    ITPNCheckpointer,
+    NonFiniteWeightsError,
+    last_finite_checkpoint,
+)
 from itpn_d2.data.resumable import set_loader_start_iter  # noqa: E402
 from itpn_d2.engine.compile import maybe_compile  # noqa: E402
 from itpn_d2.engine.distributed import create_ddp_model, launch, share_cpu_threads  # noqa: E402
-from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides  # noqa: E402
+from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides, validate_config  # noqa: E402
+from itpn_d2.engine.run_lock import OutputDirLockedError, lock_output_dir  # noqa: E402
 from itpn_d2.engine.trainer import NonFiniteLossError, build_trainer  # noqa: E402
 
 # Errors that are the user's input, not a bug: one clear line, no traceback.
-USER_ERRORS = (ConfigOverrideError, CheckpointFileError, BackboneLoadError, NonFiniteLossError)
+USER_ERRORS = (
+    ConfigOverrideError,
+    CheckpointFileError,
+    CheckpointWriteError,
+    BackboneLoadError,
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    OutputDirLockedError,
+)
 
 logger = logging.getLogger("itpn_d2")
 
@@ -102,6 +118,9 @@ def do_train(args, cfg):
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    if start_iter >= cfg.train.max_iter:
+        finish_completed_run(cfg, model, checkpointer, start_iter)
+        return
     # The loader's workers start with the first batch, inside trainer.train: still in time.
     if set_loader_start_iter(train_loader, start_iter):
         logger.info(f"Training data continues at iteration {start_iter} of its deterministic stream")
@@ -110,17 +129,51 @@ def do_train(args, cfg):
     trainer.train(start_iter, cfg.train.max_iter)
 
 
+def finish_completed_run(cfg, model, checkpointer, start_iter):
+    """``--resume`` of a run whose last checkpoint is at its last iteration: all training is done,
+    but a process killed while writing ``model_final.pth`` (or before its final evaluation) left
+    the run unfinished. Write what is missing instead of training nothing and exiting 0."""
+    final = os.path.join(cfg.train.output_dir, "model_final.pth")
+    logger.info(
+        f"--resume: the last checkpoint is at iteration {start_iter - 1}, the last of train.max_iter="
+        f"{cfg.train.max_iter}; nothing left to train."
+    )
+    if comm.is_main_process() and not os.path.isfile(final):
+        checkpointer.save("model_final", iteration=start_iter - 1)
+        logger.info(f"Wrote the missing {final} from the last checkpoint")
+    comm.synchronize()
+    if cfg.train.get("eval_period", 0) and cfg.train.eval_period > 0:
+        do_test(cfg, model)
+
+
+_PRELOADED = {}  # pid -> config loaded by invoke_main in this process
+
+
 def load_config(args):
-    cfg = LazyConfig.load(args.config_file)
-    return apply_overrides(cfg, args.opts)
+    """The config with the command-line overrides, checked; loaded once per process (a config
+    may register datasets, which detectron2 allows once)."""
+    cfg = _PRELOADED.get(os.getpid())
+    if cfg is None:
+        cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        validate_config(cfg, eval_only=args.eval_only)
+        _PRELOADED[os.getpid()] = cfg
+    return cfg
 
 
 def _last_checkpoint_note(cfg) -> str:
-    try:
-        with open(os.path.join(cfg.train.output_dir, "last_checkpoint")) as f:
-            return f" Last complete checkpoint: {os.path.join(cfg.train.output_dir, f.read().strip())}."
-    except OSError:
-        return ""
+    path = last_finite_checkpoint(cfg.train.output_dir)
+    if path is None:
+        return " No checkpoint with finite weights exists in train.output_dir."
+    return f" Last complete checkpoint with finite weights: {path}."
+
+
+def _check_eval_weights(cfg, args) -> None:
+    if cfg.train.get("init_checkpoint", "") or getattr(args, "random_weights", False):
+        return
+    raise CheckpointFileError(
+        "--eval-only needs weights: set train.init_checkpoint=PATH (add --random-weights to evaluate an "
+        "untrained model on purpose)"
+    )
 
 
 def main(args):
@@ -130,6 +183,7 @@ def main(args):
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="itpn_d2")
     share_cpu_threads(cfg.train.get("device", "cuda"))
     if args.eval_only:
+        _check_eval_weights(cfg, args)
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         maybe_compile(model, cfg.train.get("compile", None))
@@ -143,6 +197,8 @@ def main(args):
             do_train(args, cfg)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(str(e) + _last_checkpoint_note(cfg)) from None
+        except NonFiniteWeightsError as e:
+            raise NonFiniteWeightsError(str(e).split(" Last checkpoint")[0] + _last_checkpoint_note(cfg)) from None
 
 
 def _fail(e: BaseException) -> "NoReturn":  # noqa: F821
@@ -160,11 +216,26 @@ def guarded_main(args):
         _fail(e)
 
 
+def get_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="with --eval-only and no train.init_checkpoint: evaluate an untrained model on purpose",
+    )
+    return parser
+
+
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = get_parser().parse_args()
     try:
         # Checked here, before any process is spawned: a typo fails at once, on every machine.
-        device = load_config(args).train.get("device", "cuda")
+        # A single-process run reuses this config (main() runs in this process).
+        cfg = load_config(args)
+        device = cfg.train.get("device", "cuda")
+        # One live run per output directory; the lock goes with this process (a killed run's
+        # lock is free at once). Machine 0 holds it for a multi-machine run.
+        lock = lock_output_dir(cfg.train.output_dir) if args.machine_rank == 0 else None
     except USER_ERRORS as e:
         _fail(e)
     try:
@@ -181,6 +252,9 @@ def invoke_main() -> None:
         # a worker already printed its ERROR line (guarded_main); its exit code is ours
         print(f"ERROR: process {e.error_index} exited with code {e.exit_code}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code or 1)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError, ITPNCheckpointer  # noqa: E402
 from itpn_d2.data.image_folder import IMAGE_EXTENSIONS, load_image_folder  # noqa: E402
+from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides  # noqa: E402
 from itpn_d2.utils.visualize_mim import load_eval_image, panels_from_model_output  # noqa: E402
 
 logger = logging.getLogger("itpn_d2.visualize_reconstruction")
@@ -67,19 +69,17 @@ def _load_weights(model, path: str) -> None:
         logger.warning("No --checkpoint given: visualising a randomly initialised model.")
         return
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--checkpoint '{path}' does not exist")
-    try:
-        from itpn_d2.checkpoint import ITPNCheckpointer as Checkpointer
-    except ImportError:
-        from detectron2.checkpoint import DetectionCheckpointer as Checkpointer
-    Checkpointer(model).load(path)
+        raise CheckpointFileError(f"--checkpoint '{path}' does not exist")
+    # safe loading for every file name, integrity checks, exact backbone keys
+    ITPNCheckpointer(model).load(path)
+    logger.info(f"Weights: {path}")
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="itpn_d2")
     cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts or [])
+    cfg = apply_overrides(cfg, args.opts or [])  # unknown keys (typos) are refused
     size = args.size
     if size is None:
         try:
@@ -122,5 +122,14 @@ def main(argv=None):
     return written
 
 
+def cli(argv=None):
+    try:
+        return main(argv)
+    except (ConfigOverrideError, CheckpointFileError, BackboneLoadError) as e:
+        msg = str(e) if isinstance(e, BackboneLoadError) else str(e).splitlines()[0]
+        print(f"ERROR: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, ConfigOverrideError) else 1)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

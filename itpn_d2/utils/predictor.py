@@ -4,8 +4,8 @@
 Used by ``tools/demo.py``; works for any model returning detectron2's standard
 outputs (``instances``, ``sem_seg``, ``panoptic_seg``).
 """
-
 import contextlib
+import logging
 from typing import Optional
 
 import numpy as np
@@ -46,7 +46,17 @@ def metadata_for(cfg) -> Metadata:
     if isinstance(names, str):
         names = [names]
     if names and names[0] in DatasetCatalog.list():
-        return MetadataCatalog.get(names[0])
+        meta = MetadataCatalog.get(names[0])
+        if not (meta.get("thing_classes") or meta.get("stuff_classes")):
+            # register_coco_instances fills thing_classes only when the json is first loaded
+            try:
+                DatasetCatalog.get(names[0])
+            except Exception as e:  # noqa: BLE001 - names are a nicety; the predictions still come
+                logging.getLogger(__name__).warning(
+                    f"could not load dataset {names[0]!r} for its class names ({type(e).__name__}: {e}); "
+                    "labels are shown as class ids"
+                )
+        return meta
     meta = MetadataCatalog.get("__itpn_d2_demo_generic")
     n = _num_classes(cfg)
     if n is not None and not meta.get("thing_classes"):
