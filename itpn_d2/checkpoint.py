@@ -61,6 +61,7 @@ finite weights; a failed write says why in one line (e.g. no space left on the d
 """
 import argparse
 import builtins
+import codecs
 import collections
 import errno
 import glob
@@ -349,6 +350,8 @@ def _allowed_globals() -> Dict[Tuple[str, str], object]:
     allowed[("numpy", "ndarray")] = np.ndarray
     allowed[("numpy", "dtype")] = np.dtype
     allowed[("collections", "OrderedDict")] = collections.OrderedDict
+    # protocol-2 pickles rebuild bytes as _codecs.encode(str, "latin1"), as torch's weights_only allows
+    allowed[("_codecs", "encode")] = codecs.encode
     for name in ("set", "frozenset", "slice", "complex", "bytearray"):
         allowed[("builtins", name)] = allowed[("__builtin__", name)] = getattr(builtins, name)
     return allowed
