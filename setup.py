@@ -4,14 +4,40 @@ detectron2 itself is not listed: it is either the user's own build or installed 
 ``tools/install_detectron2.py`` (the registry's ``sal-detectron2`` is tagged cp310
 only and needs a special pip call on newer Pythons).
 """
+import glob
+import os
+import shutil
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def model_zoo_configs():
+    """Ship ``configs/`` inside the package as ``itpn_d2/model_zoo/configs`` (a link in a source
+    checkout, a copy where links are not possible), as detectron2's setup.py does, so that
+    ``itpn_d2.model_zoo.get_config`` works after a non-editable install."""
+    source = os.path.join(HERE, "configs")
+    dest = os.path.join(HERE, "itpn_d2", "model_zoo", "configs")
+    if os.path.isdir(source) and not os.path.exists(dest):
+        if os.path.islink(dest):
+            os.unlink(dest)
+        try:
+            os.symlink(os.path.relpath(source, os.path.dirname(dest)), dest)
+        except OSError:
+            shutil.copytree(source, dest)
+    files = glob.glob(os.path.join(dest, "**", "*.py"), recursive=True)
+    return [os.path.relpath(f, os.path.dirname(dest)) for f in files]
+
 
 setup(
     name="itpn_d2",
     version="0.1.0",
     description="iTPN: HiViT + integrally pre-trained feature pyramid for detectron2",
+    license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["itpn_d2", "itpn_d2.*"]),
+    packages=find_packages(include=["itpn_d2", "itpn_d2.*"], exclude=["itpn_d2.model_zoo.configs*"]),
+    package_data={"itpn_d2.model_zoo": model_zoo_configs()},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
