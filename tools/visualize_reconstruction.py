@@ -69,7 +69,7 @@ def _load_weights(model, path: str) -> None:
         logger.warning("No --checkpoint given: visualising a randomly initialised model.")
         return
     if not os.path.isfile(path):
-        raise CheckpointFileError(f"--checkpoint '{path}' does not exist")
+        raise FileNotFoundError(f"--checkpoint '{path}' does not exist")
     # safe loading for every file name, integrity checks, exact backbone keys
     ITPNCheckpointer(model).load(path)
     logger.info(f"Weights: {path}")
@@ -125,7 +125,7 @@ def main(argv=None):
 def cli(argv=None):
     try:
         return main(argv)
-    except (ConfigOverrideError, CheckpointFileError, BackboneLoadError) as e:
+    except (ConfigOverrideError, CheckpointFileError, BackboneLoadError, FileNotFoundError) as e:
         msg = str(e) if isinstance(e, BackboneLoadError) else str(e).splitlines()[0]
         print(f"ERROR: {msg}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(e, ConfigOverrideError) else 1)
