@@ -45,8 +45,10 @@ import itpn_d2  # noqa: E402,F401  (registers backbones, meta-archs, datasets)
 from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError, ITPNCheckpointer  # noqa: E402
 from itpn_d2.data.resumable import set_loader_start_iter  # noqa: E402
 from itpn_d2.engine.compile import maybe_compile  # noqa: E402
+from itpn_d2.engine.determinism import DeterministicStepRNG  # noqa: E402
 from itpn_d2.engine.distributed import create_ddp_model, launch, share_cpu_threads  # noqa: E402
 from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides  # noqa: E402
+from itpn_d2.engine.skipped_images import SkippedImagesMetric  # noqa: E402
 from itpn_d2.engine.trainer import NonFiniteLossError, build_trainer  # noqa: E402
 
 # Errors that are the user's input, not a bug: one clear line, no traceback.
@@ -87,6 +89,8 @@ def do_train(args, cfg):
     checkpointer = make_checkpointer(cfg, model, trainer=trainer)
     trainer.register_hooks(
         [
+            DeterministicStepRNG(cfg.train.get("seed", None)),  # drop path etc.: f(seed, iteration, sample)
+            SkippedImagesMetric(),  # every process: summed over them
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
