@@ -43,7 +43,7 @@ from detectron2.utils.logger import setup_logger
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itpn_d2  # noqa: E402,F401  (registers backbones, meta-archs, datasets)
 from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError, ITPNCheckpointer  # noqa: E402
-from itpn_d2.data.resumable import set_loader_start_iter  # noqa: E402
+from itpn_d2.data.resumable import NoReadableImagesError, set_loader_start_iter  # noqa: E402
 from itpn_d2.engine.compile import maybe_compile  # noqa: E402
 from itpn_d2.engine.determinism import DeterministicStepRNG  # noqa: E402
 from itpn_d2.engine.distributed import create_ddp_model, launch, share_cpu_threads  # noqa: E402
@@ -52,7 +52,7 @@ from itpn_d2.engine.skipped_images import SkippedImagesMetric  # noqa: E402
 from itpn_d2.engine.trainer import NonFiniteLossError, build_trainer  # noqa: E402
 
 # Errors that are the user's input, not a bug: one clear line, no traceback.
-USER_ERRORS = (ConfigOverrideError, CheckpointFileError, BackboneLoadError, NonFiniteLossError)
+USER_ERRORS = (ConfigOverrideError, CheckpointFileError, BackboneLoadError, NonFiniteLossError, NoReadableImagesError)
 
 logger = logging.getLogger("itpn_d2")
 

@@ -62,6 +62,16 @@ class NoReadableImagesError(RuntimeError):
     """Every item of the training data was skipped by the mapper: nothing usable is left.
     The message names the folder of the images."""
 
+    def __str__(self):
+        msg = super().__str__()
+        # Re-raised from a DataLoader worker, the message is "Caught ... in DataLoader worker
+        # process N.\nOriginal Traceback ...": its last line holds the original message.
+        if msg.startswith("Caught ") and "\n" in msg:
+            last = msg.rstrip().splitlines()[-1]
+            prefix = f"{type(self).__name__}: "
+            return last[len(prefix):] if last.startswith(prefix) else last
+        return msg
+
 
 def derive_seed(*keys: int) -> int:
     """A 32-bit seed that depends on all of ``keys`` (non-negative ints), well mixed."""
