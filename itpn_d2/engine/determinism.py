@@ -10,8 +10,8 @@ processes. :class:`DeterministicStepRNG`, before every step:
   decisions are a function of (seed, iteration, global sample index, layer): the same on
   any number of processes and after ``--resume``;
 * seeds Python's, numpy's and torch's global RNGs (all devices) from (seed, iteration, rank),
-  so every other draw of the step (dropout, proposal / point sampling) is the same after
-  ``--resume``, on the same number of processes.
+  again right after the step's batch is drawn, so every other draw of the step (dropout,
+  proposal / point sampling) is the same after ``--resume``, on the same number of processes.
 
 The seed is saved in the checkpoint (detectron2 stores hooks' ``state_dict`` with the
 trainer's), so a resumed run keeps its seed even where ``train.seed`` was random (< 0).
@@ -35,6 +35,24 @@ logger = logging.getLogger(__name__)
 _GLOBAL_STREAM = 0x676C6F62  # separates the global-RNG seeds from other derived seeds
 
 
+class _SeedAfterBatch:
+    """Iterates ``loader``; after each batch, re-seeds the step (``hook.seed_step``)."""
+
+    def __init__(self, loader, hook: "DeterministicStepRNG"):
+        self.loader, self.hook = loader, hook
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.hook.seed_step()
+            yield batch
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
 class DeterministicStepRNG(HookBase):
     """Sets the per-step random state from (seed, iteration, rank) (module docstring)."""
 
@@ -50,8 +68,12 @@ class DeterministicStepRNG(HookBase):
         if self.seed is None:  # not given and not restored from a checkpoint
             self.seed = int(comm.shared_random_seed())
             logger.info(f"DeterministicStepRNG: drew the step seed {self.seed} (saved in checkpoints)")
+        # Seed again once the step's batch is drawn: a DataLoader draws from torch's global
+        # RNG when its iterator is made (the first step of every process, so the first step
+        # after --resume too), which would shift the model's draws of that step.
+        self.trainer.data_loader = _SeedAfterBatch(self.trainer.data_loader, self)
 
-    def before_step(self):
+    def seed_step(self):
         it, rank = int(self.trainer.iter), comm.get_rank()
         set_drop_path_step(DropPathStep(seed=self.seed, iteration=it, rank=rank))
         s = derive_seed(self.seed, it, rank, _GLOBAL_STREAM)
@@ -59,11 +81,16 @@ class DeterministicStepRNG(HookBase):
         np.random.seed(s)
         torch.manual_seed(s)  # also seeds every CUDA device
 
+    def before_step(self):
+        self.seed_step()
+
     def after_step(self):
         set_drop_path_step(None)
 
     def after_train(self):
         set_drop_path_step(None)
+        if isinstance(self.trainer.data_loader, _SeedAfterBatch):
+            self.trainer.data_loader = self.trainer.data_loader.loader
 
     def state_dict(self):
         return {"seed": self.seed} if self.seed is not None else {}
