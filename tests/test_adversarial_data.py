@@ -249,22 +249,23 @@ def _make_coco(root, *, n_good=4, bad=True):
     img_dir.mkdir(parents=True)
     images, anns = [], []
 
-    def add(fname, w, h, with_seg=True):
+    def add(fname, w, h, segs=(True,)):
         iid = len(images) + 1
         images.append({"id": iid, "file_name": fname, "width": w, "height": h})
-        x, y, bw, bh = 8, 8, w // 2, h // 2
-        a = {"id": len(anns) + 1, "image_id": iid, "category_id": 1, "bbox": [x, y, bw, bh],
-             "area": bw * bh, "iscrowd": 0}
-        if with_seg:
-            a["segmentation"] = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]
-        anns.append(a)
+        for k, with_seg in enumerate(segs):
+            x, y, bw, bh = 8 + 4 * k, 8, w // 2, h // 2
+            a = {"id": len(anns) + 1, "image_id": iid, "category_id": 1, "bbox": [x, y, bw, bh],
+                 "area": bw * bh, "iscrowd": 0}
+            if with_seg:
+                a["segmentation"] = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]
+            anns.append(a)
 
     for i in range(n_good):
         Image.fromarray(_smooth(rng, 96, 128)).save(img_dir / f"good{i}.png")
         add(f"good{i}.png", 128, 96)
     if bad:
         Image.fromarray(_smooth(rng, 96, 128)).save(img_dir / "noseg.png")
-        add("noseg.png", 128, 96, with_seg=False)
+        add("noseg.png", 128, 96, segs=(True, False))  # detectron2: KeyError 'segmentation'
         exif = Image.Exif()
         exif[0x0112] = 6  # rotate 90 degrees on load: the decoded image is 96 x 128
         Image.fromarray(_smooth(rng, 96, 128)).save(img_dir / "rotated.jpg", exif=exif)
