@@ -408,3 +408,6 @@ def test_finetuning_resumes_bit_identically_and_logs_skipped_images(tmp_path):
     a, b = load_model(tmp_path / "ref" / "model_final.pth"), load_model(out / "model_final.pth")
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} tensors differ, max {max_abs_diff(a, b)}"
+    # the same skips at the same iterations (the resumed process's running total starts afresh)
+    resumed = metrics(out)
+    assert [resumed[i]["skipped_images"] for i in range(2, 6)] == [m[i]["skipped_images"] for i in range(2, 6)]

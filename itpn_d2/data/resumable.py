@@ -262,8 +262,11 @@ class PositionalMapStream(torchdata.IterableDataset):
     def set_start_iter(self, start_iter: int) -> None:
         self.sampler.set_start_iter(start_iter)
 
-    def _try(self, index: int, s: int):
-        if index in self._failed:  # unusable is a property of the item: no need to decode it again
+    def _try(self, index: int, s: int, scanning: bool = False):
+        # In the last-resort scan, an item that already failed is not decoded again (unusable
+        # is a property of the item). Elsewhere every attempt runs the mapper, so that the
+        # skips counted for a position do not depend on what this process saw before.
+        if scanning and index in self._failed:
             return None
         item = self.dataset[index]
         if self.mapper is None:
@@ -291,7 +294,7 @@ class PositionalMapStream(torchdata.IterableDataset):
         candidates = self.sampler.candidates(index)
         start = int(np.random.default_rng(s).integers(len(candidates)))
         for k in range(len(candidates)):
-            out = self._try(int(candidates[(start + k) % len(candidates)]), s)
+            out = self._try(int(candidates[(start + k) % len(candidates)]), s, scanning=True)
             if out is not None:
                 return self._finish(out, position)
         raise NoReadableImagesError(
