@@ -411,3 +411,28 @@ def test_finetuning_resumes_bit_identically_and_logs_skipped_images(tmp_path):
     # the same skips at the same iterations (the resumed process's running total starts afresh)
     resumed = metrics(out)
     assert [resumed[i]["skipped_images"] for i in range(2, 6)] == [m[i]["skipped_images"] for i in range(2, 6)]
+
+
+def test_step_seed_is_saved_and_restored_with_the_trainer_state():
+    from types import SimpleNamespace
+
+    from itpn_d2.engine.determinism import DeterministicStepRNG
+    from itpn_d2.modeling.drop_path import get_drop_path_step
+
+    drawn = DeterministicStepRNG(-1)  # train.seed < 0: drawn once, then kept in checkpoints
+    drawn.trainer = SimpleNamespace(iter=5, data_loader=[[{"x": 1}]])
+    drawn.before_train()
+    assert drawn.seed is not None and drawn.state_dict() == {"seed": drawn.seed}
+    resumed = DeterministicStepRNG(-1)
+    resumed.load_state_dict(drawn.state_dict())
+    assert resumed.seed == drawn.seed
+
+    # the step's global draws are a function of (seed, iteration, rank), also after a batch is drawn
+    batch = next(iter(drawn.trainer.data_loader))  # the wrapped loader re-seeds after the batch
+    assert batch == [{"x": 1}] and get_drop_path_step().iteration == 5
+    a = torch.rand(3)
+    torch.manual_seed(123)
+    drawn.before_step()
+    assert torch.equal(torch.rand(3), a)
+    drawn.after_step()
+    assert get_drop_path_step() is None

@@ -16,8 +16,10 @@ Reliability (see the README section "Multi-process and multi-node runs"):
 * ``--num-gpus N`` is detectron2's "processes per machine": N GPUs with NCCL, or, with
   ``train.device=cpu``, N CPU processes with gloo; ``--num-machines/--machine-rank/--dist-url``
   as in detectron2.
-* Checkpoints are written atomically; pre-training data is a function of the iteration
-  (``itpn_d2.data.build_resumable_train_loader``), so ``--resume`` continues the same stream.
+* Checkpoints are written atomically; training data is a function of the iteration
+  (``itpn_d2.data.build_resumable_train_loader``: pre-training, COCO and ADE20K configs), so
+  ``--resume`` continues the same stream; drop path and the step's other random draws derive
+  from (seed, iteration, sample / rank) (``itpn_d2.engine.determinism.DeterministicStepRNG``).
 * A NaN / inf loss term stops the run before the step, naming the term and the iteration.
 * Bad input ends the run with a one-line ``ERROR:`` message and a non-zero exit status:
   an unknown config key on the command line (use ``+key=value`` to add one on purpose),

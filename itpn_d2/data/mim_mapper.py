@@ -9,8 +9,8 @@ detectron2 meta-architecture.
 A file that cannot be decoded (corrupt, truncated, empty, not an image, vanished)
 never stops a run: the mapper logs one warning naming it, returns ``None`` (so
 detectron2's ``MapDataset`` tries another index), and reports the number of such
-skips on the next good sample as ``"skipped_images"``, which the pre-training
-model adds to its event storage. This works unchanged in DataLoader workers: each
+skips on the next good sample as ``"skipped_images"``, which the training hook
+``itpn_d2.engine.skipped_images.SkippedImagesMetric`` logs. This works unchanged in DataLoader workers: each
 worker counts its own skips and hands them over with its own next sample, so
 summing over the batches counts every skip exactly once.
 """

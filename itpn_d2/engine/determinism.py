@@ -89,8 +89,6 @@ class DeterministicStepRNG(HookBase):
 
     def after_train(self):
         set_drop_path_step(None)
-        if isinstance(self.trainer.data_loader, _SeedAfterBatch):
-            self.trainer.data_loader = self.trainer.data_loader.loader
 
     def state_dict(self):
         return {"seed": self.seed} if self.seed is not None else {}

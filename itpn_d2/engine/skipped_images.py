@@ -67,8 +67,3 @@ class SkippedImagesMetric(HookBase):
             n = int(t.item())
         self.total += n
         self.trainer.storage.put_scalars(skipped_images=n, skipped_images_total=self.total, smoothing_hint=False)
-
-    def after_train(self):
-        loader = self.trainer.data_loader
-        if isinstance(loader, _CountingLoader):
-            self.trainer.data_loader = loader.loader
