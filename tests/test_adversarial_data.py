@@ -357,12 +357,16 @@ from detectron2.config import LazyCall as L
 if "adv13_ft" not in DatasetCatalog.list():
     register_coco_instances("adv13_ft", {{}}, {ann!r}, {img!r})
 _cfg = LazyConfig.load({base!r})
-model, optimizer, lr_multiplier, train, dataloader = _cfg.model, _cfg.optimizer, _cfg.lr_multiplier, _cfg.train, _cfg.dataloader
+model, optimizer, lr_multiplier = _cfg.model, _cfg.optimizer, _cfg.lr_multiplier
+train, dataloader = _cfg.train, _cfg.dataloader
 dataloader.pop("evaluator")  # training only
 dataloader.train.dataset.names = "adv13_ft"
 dataloader.train.num_workers = 0
 dataloader.train.total_batch_size = 2
-dataloader.train.mapper.augmentations = [L(T.RandomFlip)(horizontal=True), L(T.ResizeShortestEdge)(short_edge_length=(64, 96), max_size=128, sample_style="choice")]
+dataloader.train.mapper.augmentations = [
+    L(T.RandomFlip)(horizontal=True),
+    L(T.ResizeShortestEdge)(short_edge_length=(64, 96), max_size=128, sample_style="choice"),
+]
 model.backbone.net.depth = 2
 model.backbone.net.drop_path_rate = 0.1
 model.roi_heads.num_classes = 1

@@ -69,8 +69,9 @@ def read_rgb_image(file_name: str) -> np.ndarray:
     Grayscale, palette, CMYK and RGBA/LA (alpha dropped) become RGB; 16-bit grayscale
     is scaled to 8 bits over its full range (16-bit RGB PNGs are already reduced to
     their high byte by PIL); 32-bit float grayscale (e.g. a float TIFF) is scaled from
-    [0, 1], or from its own min..max outside [0, 1] (noted once per process in the log). Truncated files raise, even where another library has set
-    PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES = True``: they are never half-loaded.
+    [0, 1], or from its own min..max outside [0, 1] (noted once per process in the log).
+    Truncated files raise, even where another library has set PIL's global
+    ``ImageFile.LOAD_TRUNCATED_IMAGES = True``: they are never half-loaded.
 
     Returns:
         np.ndarray: (H, W, 3) uint8.
