@@ -298,10 +298,12 @@ def test_train_loader_with_workers(image_tree, tmp_path):
     assert _hash_tree(root) == before
 
 
-def test_skipped_images_reach_the_models_metrics(image_tree):
-    """Loader -> MaskedPretrainer training step: the skip count lands in the EventStorage."""
-    from detectron2.utils.events import EventStorage
+def test_skipped_images_reach_the_metrics(image_tree):
+    """Loader -> training steps of a MaskedPretrainer: the skip count lands in the EventStorage,
+    logged by the trainer-side hook ``SkippedImagesMetric`` (for every model)."""
+    from detectron2.engine import HookBase, SimpleTrainer
 
+    from itpn_d2.engine.skipped_images import SkippedImagesMetric
     from itpn_d2.modeling.backbone import ITPNBackbone
     from itpn_d2.modeling.decoder import PixelDecoder
     from itpn_d2.modeling.hivit import HiViT
@@ -321,14 +323,26 @@ def test_skipped_images_reach_the_models_metrics(image_tree):
         pixel_std=[58.395, 57.12, 57.375],
     ).train()
     root, _, bad = image_tree
-    loader = iter(instantiate(_loader_cfg(_register(root), num_workers=0, batch=4).dataloader.train))
-    seen = 0
-    with EventStorage(0) as storage:
-        for _ in range(6):
-            batch = next(loader)
-            seen += sum(d["skipped_images"] for d in batch)
-            losses = model(batch)
-            assert torch.isfinite(sum(losses.values()))
-            storage.step()
-        logged = sum(v for v, _ in storage.history("skipped_images").values())
-    assert seen >= 1 and logged == seen
+    counted = []
+
+    class Spy:  # counts what the batches carry, independently of the hook
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            for batch in self.loader:
+                counted.append(sum(d["skipped_images"] for d in batch))
+                yield batch
+
+    class Record(HookBase):
+        def after_step(self):
+            logged.append(self.trainer.storage.history("skipped_images").latest())
+
+    logged = []
+    loader = Spy(instantiate(_loader_cfg(_register(root), num_workers=0, batch=4).dataloader.train))
+    trainer = SimpleTrainer(model, loader, torch.optim.SGD(model.parameters(), lr=0.0))
+    trainer.register_hooks([SkippedImagesMetric(), Record()])
+    trainer.train(0, 6)
+    seen = sum(counted)
+    assert seen >= 1 and logged == counted and sum(logged) == seen
+    assert trainer.storage.history("skipped_images_total").latest() == seen

@@ -210,16 +210,13 @@ def test_ema_momentum_schedule_follows_storage_iteration():
     assert cosine_momentum(100, 100, 0.996, 1.0) == pytest.approx(1.0)
 
 
-def test_skipped_images_and_mask_ratio_are_logged():
+def test_mask_ratio_is_logged():
+    # (skipped_images is logged by the trainer-side hook for every model: tests/test_adversarial_data.py)
     model = tiny_pretrainer(mim="fused", mfm=False).train()
     data = batch(smooth_images(3))
-    data[0]["skipped_images"] = 2
-    data[2]["skipped_images"] = 1
+    data[0]["skipped_images"] = 2  # a field the model ignores
     with EventStorage(0) as storage:
         losses = model(data)
-        assert storage.history("skipped_images").latest() == 3
-        model(data)
-        assert storage.history("skipped_images_total").latest() == 6
         assert storage.history("mask_ratio").latest() == pytest.approx(0.75)
     assert set(losses) == {"loss_mim"}
 

@@ -16,8 +16,10 @@ Reliability (see the README section "Multi-process and multi-node runs"):
 * ``--num-gpus N`` is detectron2's "processes per machine": N GPUs with NCCL, or, with
   ``train.device=cpu``, N CPU processes with gloo; ``--num-machines/--machine-rank/--dist-url``
   as in detectron2.
-* Checkpoints are written atomically; pre-training data is a function of the iteration
-  (``itpn_d2.data.build_resumable_train_loader``), so ``--resume`` continues the same stream.
+* Checkpoints are written atomically; training data is a function of the iteration
+  (``itpn_d2.data.build_resumable_train_loader``: pre-training, COCO and ADE20K configs), so
+  ``--resume`` continues the same stream; drop path and the step's other random draws derive
+  from (seed, iteration, sample / rank) (``itpn_d2.engine.determinism.DeterministicStepRNG``).
 * A NaN / inf loss term stops the run before the step, naming the term and the iteration.
 * Bad input ends the run with a one-line ``ERROR:`` message and a non-zero exit status:
   an unknown config key on the command line (use ``+key=value`` to add one on purpose),
@@ -50,11 +52,13 @@ from itpn_d2.checkpoint import (  # noqa: E402
     NonFiniteWeightsError,
     last_finite_checkpoint,
 )
-from itpn_d2.data.resumable import set_loader_start_iter  # noqa: E402
+from itpn_d2.data.resumable import NoReadableImagesError, set_loader_start_iter  # noqa: E402
 from itpn_d2.engine.compile import maybe_compile  # noqa: E402
+from itpn_d2.engine.determinism import DeterministicStepRNG  # noqa: E402
 from itpn_d2.engine.distributed import create_ddp_model, launch, share_cpu_threads  # noqa: E402
 from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides, validate_config  # noqa: E402
 from itpn_d2.engine.run_lock import OutputDirLockedError, lock_output_dir  # noqa: E402
+from itpn_d2.engine.skipped_images import SkippedImagesMetric  # noqa: E402
 from itpn_d2.engine.trainer import NonFiniteLossError, build_trainer  # noqa: E402
 
 # Errors that are the user's input, not a bug: one clear line, no traceback.
@@ -65,6 +69,7 @@ USER_ERRORS = (
     BackboneLoadError,
     NonFiniteLossError,
     NonFiniteWeightsError,
+    NoReadableImagesError,
     OutputDirLockedError,
 )
 
@@ -103,6 +108,8 @@ def do_train(args, cfg):
     checkpointer = make_checkpointer(cfg, model, trainer=trainer)
     trainer.register_hooks(
         [
+            DeterministicStepRNG(cfg.train.get("seed", None)),  # drop path etc.: f(seed, iteration, sample)
+            SkippedImagesMetric(),  # every process: summed over them
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,

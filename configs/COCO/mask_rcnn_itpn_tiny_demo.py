@@ -14,6 +14,7 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.evaluation import COCOEvaluator
 
+from itpn_d2.data.resumable import build_resumable_train_loader
 from itpn_d2.data.safe_mapper import SafeDatasetMapper
 from itpn_d2.modeling import hivit_arch
 
@@ -51,6 +52,11 @@ dataloader.test.dataset.names = "itpn_synthetic_val"
 dataloader.train.mapper.image_format = dataloader.test.mapper.image_format = "RGB"
 # skips (logs, counts) unreadable training images instead of stopping the run
 dataloader.train.mapper._target_ = SafeDatasetMapper
+# resumable stream: --resume continues the same images and augmentations, and N processes
+# see the global batches of 1 (itpn_d2.data.resumable; aspect-ratio groups as detectron2's)
+dataloader.train._target_ = build_resumable_train_loader
+dataloader.train.aspect_ratio_grouping = True
+dataloader.train.seed = 0
 dataloader.train.mapper.instance_mask_format = "bitmask"  # the generator writes RLE masks (rings have holes)
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),

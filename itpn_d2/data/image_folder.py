@@ -8,9 +8,12 @@ folders. Registration is lazy: nothing touches the disk until
 """
 import logging
 import os
-from typing import Iterable, List, Optional
+import stat
+from typing import Iterable, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .skipped_files import printable
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -34,12 +37,57 @@ def _normalize_extensions(extensions: Iterable[str]) -> tuple:
     return tuple(exts)
 
 
+def _scan(root: str, exts: tuple) -> Tuple[List[str], List[str]]:
+    """(relative paths of the regular image files, relative paths of image-named other entries).
+
+    Depth-first in sorted order; a folder reached twice (a symbolic link back to an ancestor,
+    ``again -> .``, or two links to one folder) is read only the first time, so the scan
+    always ends and lists each file once. Only regular files count: opening a FIFO named
+    ``x.png`` would block forever, a device would read garbage.
+    """
+    files, not_regular = [], []
+    seen_dirs = set()
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        path = os.path.join(root, rel) if rel else root
+        try:
+            st = os.stat(path)  # follows a link once, to what it names
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            logger.warning(f"Image folder: cannot list '{printable(path)}' ({type(e).__name__}); skipped")
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            child = os.path.join(rel, entry.name) if rel else entry.name
+            try:
+                mode = os.stat(entry.path).st_mode
+            except OSError:  # broken link, vanished, permission
+                mode = None
+            if mode is not None and stat.S_ISDIR(mode):
+                subdirs.append(child)
+            elif entry.name.lower().endswith(exts):
+                (files if mode is not None and stat.S_ISREG(mode) else not_regular).append(child)
+        stack.extend(reversed(subdirs))  # visit in sorted order: the first path to a folder wins
+    return files, not_regular
+
+
 def load_image_folder(root: str, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> List[dict]:
     """
     List every image file under ``root``, recursively, in a deterministic order.
 
     Args:
-        root: folder to scan; symbolic links to folders are followed.
+        root: folder to scan; symbolic links are followed, each folder is read once
+            (links that loop back are ignored). Only regular files are listed.
         extensions: file-name suffixes counted as images (case-insensitive).
             Hidden files (name starting with ".", e.g. macOS ``._x.jpg``) are ignored.
 
@@ -56,23 +104,23 @@ def load_image_folder(root: str, extensions: Iterable[str] = IMAGE_EXTENSIONS) -
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
         raise FileNotFoundError(
-            f"Image folder '{root}' does not exist or is not a directory. "
+            f"Image folder '{printable(root)}' does not exist or is not a directory. "
             "Put the images there (any tree of image files, e.g. ImageNet's train/<class>/*.JPEG), "
             "or set $DETECTRON2_DATASETS to the folder holding it."
         )
-    rel_paths = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in filenames:
-            if f.startswith("."):
-                continue
-            if f.lower().endswith(exts):
-                rel_paths.append(os.path.relpath(os.path.join(dirpath, f), root))
+    rel_paths, not_regular = _scan(root, exts)
+    if not_regular:
+        logger.warning(
+            f"Image folder '{printable(root)}': ignored {len(not_regular)} image-named entr"
+            f"{'y' if len(not_regular) == 1 else 'ies'} that {'is' if len(not_regular) == 1 else 'are'} not "
+            "a regular file (FIFO, device, socket or broken link), e.g. "
+            + ", ".join(f"'{printable(p)}'" for p in not_regular[:3])
+        )
     if not rel_paths:
         raise RuntimeError(
-            f"Image folder '{root}' contains no image files (looked for extensions {list(exts)})."
+            f"Image folder '{printable(root)}' contains no image files (looked for extensions {list(exts)})."
         )
-    # Sort the relative paths as a whole so the order does not depend on os.walk's order.
+    # Sort the relative paths as a whole so the order does not depend on the scan's order.
     rel_paths.sort()
     return [{"file_name": os.path.join(root, p), "image_id": i} for i, p in enumerate(rel_paths)]
 

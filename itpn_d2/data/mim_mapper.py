@@ -9,11 +9,12 @@ detectron2 meta-architecture.
 A file that cannot be decoded (corrupt, truncated, empty, not an image, vanished)
 never stops a run: the mapper logs one warning naming it, returns ``None`` (so
 detectron2's ``MapDataset`` tries another index), and reports the number of such
-skips on the next good sample as ``"skipped_images"``, which the pre-training
-model adds to its event storage. This works unchanged in DataLoader workers: each
+skips on the next good sample as ``"skipped_images"``, which the training hook
+``itpn_d2.engine.skipped_images.SkippedImagesMetric`` logs. This works unchanged in DataLoader workers: each
 worker counts its own skips and hands them over with its own next sample, so
 summing over the batches counts every skip exactly once.
 """
+import logging
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -25,7 +26,7 @@ from detectron2.utils.file_io import PathManager
 from fvcore.transforms.transform import CropTransform, TransformList
 from PIL import Image, ImageFile
 
-from .skipped_files import SkippedFileCounter
+from .skipped_files import SkippedFileCounter, printable
 
 __all__ = ["MIMDatasetMapper", "RandomResizedCrop", "read_rgb_image"]
 
@@ -40,6 +41,26 @@ def _scale_16bit_to_8bit(a: np.ndarray) -> np.ndarray:
     return ((a * 255 + 32767) // 65535).astype(np.uint8)
 
 
+_float_noted = False
+
+
+def _float_to_8bit(a: np.ndarray, file_name: str) -> np.ndarray:
+    # A float image in [0, 1] (the usual convention) maps to 0..255; any other range is
+    # stretched from its min..max. Clipping to 0..255 instead would turn [0, 1] data black.
+    global _float_noted
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    if not _float_noted:  # once per process: a dataset of float images would repeat it per file
+        _float_noted = True
+        logging.getLogger(__name__).info(
+            printable(f"Float image '{file_name}': values {lo:g}..{hi:g} scaled to 0..255 (noted once per process)")
+        )
+    scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
 def read_rgb_image(file_name: str) -> np.ndarray:
     """
     Decode an image file into an RGB uint8 array, whatever its mode.
@@ -47,8 +68,10 @@ def read_rgb_image(file_name: str) -> np.ndarray:
     EXIF orientation is applied as in ``detectron2.data.detection_utils.read_image``.
     Grayscale, palette, CMYK and RGBA/LA (alpha dropped) become RGB; 16-bit grayscale
     is scaled to 8 bits over its full range (16-bit RGB PNGs are already reduced to
-    their high byte by PIL). Truncated files raise, even where another library has set
-    PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES = True``: they are never half-loaded.
+    their high byte by PIL); 32-bit float grayscale (e.g. a float TIFF) is scaled from
+    [0, 1], or from its own min..max outside [0, 1] (noted once per process in the log).
+    Truncated files raise, even where another library has set PIL's global
+    ``ImageFile.LOAD_TRUNCATED_IMAGES = True``: they are never half-loaded.
 
     Returns:
         np.ndarray: (H, W, 3) uint8.
@@ -67,7 +90,9 @@ def read_rgb_image(file_name: str) -> np.ndarray:
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = prev
     image = _apply_exif_orientation(image)
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+    if image.mode == "F":  # 32-bit float (e.g. a float TIFF): scaled by its range, not clipped at 0/1
+        return np.ascontiguousarray(np.repeat(_float_to_8bit(np.asarray(image), file_name)[:, :, None], 3, axis=2))
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
         a = np.asarray(image)
         if image.mode in _SIXTEEN_BIT_MODES or (a.size and a.max() > 255):
             a = _scale_16bit_to_8bit(a)

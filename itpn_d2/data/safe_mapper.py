@@ -5,14 +5,17 @@ A corrupt, truncated, empty or non-image file named by a COCO-style dataset make
 training job. :class:`SafeDatasetMapper` takes the same arguments, decodes the image
 itself (strict about truncation; grayscale, RGBA, palette and 16-bit files converted as
 :func:`itpn_d2.data.mim_mapper.read_rgb_image` does), and for a file that cannot be
-decoded logs one warning naming it (once per file and process), counts it
+decoded, or whose annotations or size are unusable (an annotation without
+``segmentation`` when masks are trained, a JPEG whose EXIF rotation makes it disagree with
+the json's width / height), logs one warning naming it (once per file and process), counts it
 (``num_skipped``; also handed to the next good sample as ``"skipped_images"``) and
-returns ``None``: detectron2's ``MapDataset`` then maps another index of the dataset.
+returns ``None``: the loader then maps another index of the dataset.
 
 Use it for training only: at test time a skipped image would silently change the
 evaluated set, so test loaders keep the failing ``DatasetMapper``.
 """
 import copy
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,16 +44,47 @@ class SafeDatasetMapper(SkippedFileCounter, DatasetMapper):
             return image[:, :, ::-1].copy() if self.image_format == "BGR" else image
         return utils.read_image(file_name, format=self.image_format)
 
+    def unusable_annotations(self, dataset_dict) -> Optional[Exception]:
+        """Why the annotations of ``dataset_dict`` cannot be mapped (an exception to report), or None.
+
+        Checked before mapping because detectron2 fails on them deep inside
+        ``annotations_to_instances`` (a ``KeyError`` that ends the run)."""
+        if not self.is_train:
+            return None
+        for i, obj in enumerate(dataset_dict.get("annotations", ())):
+            if obj.get("iscrowd", 0) != 0:
+                continue  # removed by the mapper before use
+            missing = [k for k in ("bbox", "bbox_mode", "category_id") if k not in obj]
+            if self.use_instance_mask and "segmentation" not in obj:
+                missing.append("segmentation")
+            if self.use_keypoint and "keypoints" not in obj:
+                missing.append("keypoints")
+            if missing:
+                return KeyError(f"annotation {i} has no {', '.join(repr(k) for k in missing)}")
+            if len(obj["bbox"]) != 4:
+                return ValueError(f"annotation {i} has a bbox of {len(obj['bbox'])} numbers, not 4")
+        return None
+
     def __call__(self, dataset_dict):
-        """As ``DatasetMapper.__call__``; ``None`` when the image file cannot be decoded."""
+        """As ``DatasetMapper.__call__``; ``None`` (counted, warned once) when the image file cannot
+        be decoded, an annotation lacks a field the mapper needs (e.g. ``segmentation`` with
+        ``use_instance_mask``), or the decoded size disagrees with the entry's width / height."""
         file_name = dataset_dict["file_name"]
         try:
             image = self.read_image(file_name)
         except Exception as e:  # decoders raise a zoo of types; only decoding is in this try
             self._skip(file_name, e)
             return None
+        problem = self.unusable_annotations(dataset_dict)
+        if problem is not None:
+            self._skip(file_name, problem, "sample with unusable annotations of")
+            return None
         dataset_dict = copy.deepcopy(dataset_dict)  # the dataset's dicts are shared: never modify them
-        utils.check_image_size(dataset_dict, image)
+        try:
+            utils.check_image_size(dataset_dict, image)
+        except utils.SizeMismatchError as e:  # e.g. an EXIF rotation the json's width/height ignore
+            self._skip(file_name, e, "sample whose image size disagrees with its dataset entry,")
+            return None
         sem_seg_gt = None
         if "sem_seg_file_name" in dataset_dict:
             sem_seg_gt = utils.read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)

@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import Mlp, trunc_normal_
 
+from .drop_path import DropPath
 from .pos_embed import get_2d_sincos_pos_embed, resize_pos_embed
 
 __all__ = [
@@ -93,7 +94,7 @@ class MlpBlock(nn.Module):
         super().__init__()
         self.norm2 = _layer_norm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)  # no parameters: identity at 0, keys unchanged
         if layer_scale_init is not None:
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
         else:
@@ -198,7 +199,7 @@ class AttentionBlock(nn.Module):
         self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid)
         self.norm2 = _layer_norm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)  # no parameters: identity at 0, keys unchanged
         if layer_scale_init is not None:
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
@@ -214,11 +215,11 @@ class AttentionBlock(nn.Module):
         a = self.attn(self.norm1(x), bias)
         if self.gamma_1 is not None:
             a = self.gamma_1 * a
-        x = x + self.drop_path(a)
+        x = x + self.drop_path(a, branch=0)
         m = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             m = self.gamma_2 * m
-        return x + self.drop_path(m)
+        return x + self.drop_path(m, branch=1)  # decided independently of the attention branch
 
 
 def _relative_index(h: int, w: int, device=None) -> torch.Tensor:
@@ -337,6 +338,8 @@ class HiViT(nn.Module):
             for i in range(depth)
         ]
         self.blocks = nn.ModuleList(blocks)
+        for i, m in enumerate(m for m in self.blocks.modules() if isinstance(m, DropPath)):
+            m.layer_id = i  # keys each block's per-sample decisions (itpn_d2.modeling.drop_path)
         self.rel_pos = rel_pos
         self.apply(_init_weights)
 

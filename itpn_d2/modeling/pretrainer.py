@@ -156,7 +156,6 @@ class MaskedPretrainer(nn.Module):
                     f"mfm_decoder.out_dims {mfm_decoder.out_dims} must all equal the teacher's width {teacher.out_dim}"
                 )
         self._local_iter = 0  # used only when no EventStorage is active
-        self._skipped_total = 0
 
     @property
     def device(self) -> torch.device:
@@ -260,8 +259,8 @@ class MaskedPretrainer(nn.Module):
         Args:
             batched_inputs: list of dicts (detectron2's format), each with
                 "image": (3, H, W) float/uint8 tensor, 0-255 RGB, H and W multiples of 16,
-                all of one size; optional "skipped_images": int (files the mapper skipped),
-                summed and logged as ``skipped_images`` (and the running ``skipped_images_total``);
+                all of one size (a "skipped_images" field is logged by the training hook
+                ``itpn_d2.engine.skipped_images.SkippedImagesMetric``, not here);
                 optional "mask_seed": int; when every sample has one, each sample's mask
                 is drawn from it (:meth:`make_mask_from_seeds`), else from the global RNG.
 
@@ -269,8 +268,8 @@ class MaskedPretrainer(nn.Module):
             training: dict of scalar loss tensors only (detectron2 sums all values):
                 ``loss_mim`` (fused) or ``loss_mim_p2/p3/p4`` (per level), and
                 ``loss_mfm_p2/p3/p4`` (levels with non-zero weight). Each is the
-                weighted mean over masked units. ``mask_ratio``, ``ema_momentum`` and
-                ``skipped_images`` go to the active EventStorage.
+                weighted mean over masked units. ``mask_ratio`` and ``ema_momentum``
+                go to the active EventStorage.
             eval: dict of tensors for the reconstruction visualiser (masks are drawn
                 with a CPU generator seeded by ``eval_mask_seed``, so repeated calls agree):
                 "image": (B, 3, H, W) the input, 0-255 RGB (float);
@@ -324,11 +323,6 @@ class MaskedPretrainer(nn.Module):
             scalars = {"mask_ratio": float(m.mean())}
             if momentum is not None:
                 scalars["ema_momentum"] = momentum
-            # Only the main process's EventStorage is written out: count every process's skips.
-            skipped = _sum_over_processes(sum(int(d.get("skipped_images", 0)) for d in batched_inputs), self.device)
-            self._skipped_total += skipped
-            scalars["skipped_images"] = skipped
-            scalars["skipped_images_total"] = self._skipped_total  # all processes, since this process started
             storage.put_scalars(**scalars, smoothing_hint=False)
         return losses
 

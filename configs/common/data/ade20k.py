@@ -11,18 +11,19 @@ from detectron2.config import LazyCall as L
 from detectron2.data import (
     DatasetMapper,
     build_detection_test_loader,
-    build_detection_train_loader,
     get_detection_dataset_dicts,
 )
 from detectron2.data import transforms as T
 from detectron2.evaluation import SemSegEvaluator
 from omegaconf import OmegaConf
 
+from itpn_d2.data.resumable import build_resumable_train_loader
 from itpn_d2.evaluation.sem_seg import sem_seg_loading_fn
 
 dataloader = OmegaConf.create()
 
-dataloader.train = L(build_detection_train_loader)(
+# resumable stream: --resume continues the same images and augmentations (itpn_d2.data.resumable)
+dataloader.train = L(build_resumable_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="ade20k_sem_seg_train", filter_empty=False),
     mapper=L(DatasetMapper)(
         is_train=True,
@@ -45,6 +46,8 @@ dataloader.train = L(build_detection_train_loader)(
     ),
     total_batch_size=16,
     num_workers=4,
+    aspect_ratio_grouping=True,
+    seed=0,
 )
 
 dataloader.test = L(build_detection_test_loader)(

@@ -16,6 +16,7 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
+from itpn_d2.data.resumable import build_resumable_train_loader
 from itpn_d2.data.safe_mapper import SafeDatasetMapper
 
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
@@ -38,6 +39,11 @@ dataloader.train.mapper.augmentations = [
 dataloader.train.mapper.image_format = "RGB"
 # skips (logs, counts) unreadable training images instead of stopping the run
 dataloader.train.mapper._target_ = SafeDatasetMapper
+# resumable stream: --resume continues the same images and augmentations, and N processes
+# see the global batches of 1 (itpn_d2.data.resumable; aspect-ratio groups as detectron2's)
+dataloader.train._target_ = build_resumable_train_loader
+dataloader.train.aspect_ratio_grouping = True
+dataloader.train.seed = 0
 dataloader.train.mapper.use_instance_mask = True
 dataloader.train.total_batch_size = 16
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)]

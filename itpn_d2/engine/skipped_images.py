@@ -1,0 +1,69 @@
+"""The ``skipped_images`` metric of every training run, from the trainer side.
+
+The mappers that skip unreadable files (``MIMDatasetMapper``, ``SafeDatasetMapper``; see
+:mod:`itpn_d2.data.skipped_files`) run in DataLoader workers, so their counters live in
+other processes; each hands its count over on its next good sample as the field
+``"skipped_images"``. :class:`SkippedImagesMetric` reads that field from every batch the
+trainer draws, sums it over the training processes and logs, each iteration,
+
+* ``skipped_images``: files skipped for this iteration's batch (all processes);
+* ``skipped_images_total``: the running total since this process started.
+
+Any model works (detection, segmentation, pre-training): nothing is asked of it.
+"""
+import torch
+import torch.distributed as dist
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+__all__ = ["SkippedImagesMetric", "count_skipped"]
+
+
+def count_skipped(batch) -> int:
+    """Sum of the ``"skipped_images"`` fields of a batch (a list of dataset dicts)."""
+    if not isinstance(batch, (list, tuple)):
+        return 0
+    return sum(int(d.get("skipped_images", 0)) for d in batch if isinstance(d, dict))
+
+
+class _CountingLoader:
+    """Iterates ``loader`` and adds each batch's skips to ``hook.pending``; other attributes
+    (``dataset``, ``batch_size``, ...) are the loader's."""
+
+    def __init__(self, loader, hook: "SkippedImagesMetric"):
+        self.loader, self.hook = loader, hook
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.hook.pending += count_skipped(batch)
+            yield batch
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+class SkippedImagesMetric(HookBase):
+    """Logs ``skipped_images`` / ``skipped_images_total`` (module docstring). Register it on
+    every process: the sum over processes is a collective."""
+
+    def __init__(self):
+        self.pending = 0
+        self.total = 0
+
+    def before_train(self):
+        # SimpleTrainer makes its iterator from ``data_loader`` at the first step, after this
+        self.trainer.data_loader = _CountingLoader(self.trainer.data_loader, self)
+
+    def after_step(self):
+        n, self.pending = self.pending, 0
+        if comm.get_world_size() > 1 and dist.is_initialized():
+            t = torch.tensor([n], dtype=torch.long)
+            if dist.get_backend() == "nccl":
+                t = t.cuda()
+            dist.all_reduce(t)
+            n = int(t.item())
+        self.total += n
+        self.trainer.storage.put_scalars(skipped_images=n, skipped_images_total=self.total, smoothing_hint=False)
