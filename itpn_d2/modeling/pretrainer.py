@@ -21,17 +21,18 @@ No leak: the only path from the pixels of a masked unit into the student is thro
 its own tokens, which are dropped before the first block, so nothing of a masked
 unit reaches any visible feature or any student prediction (the tests check it).
 """
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from .backbone import ITPNBackbone
 from .decoder import LEVEL_NAMES, LEVEL_STRIDES, LevelDecoder, PixelDecoder
+from .masking import mask_from_seed, num_masked_units
 from .teacher import EMATeacher
 
 __all__ = ["MaskedPretrainer", "patchify_units", "norm_targets"]
@@ -44,13 +45,12 @@ def _current_storage():
         return None
 
 
-def _sum_over_processes(n: int, device) -> int:
-    """``n`` summed over all training processes (a collective: every rank calls it each step)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _sum_over_processes(n: int) -> int:
+    """``n`` (a host int) summed over all training processes. A CPU collective (detectron2's
+    gloo group for Python objects): no device sync; every rank calls it at the same iterations."""
+    if comm.get_world_size() == 1:
         return n
-    t = torch.tensor([n], dtype=torch.long, device=device)
-    dist.all_reduce(t)
-    return int(t.item())
+    return int(sum(comm.all_gather(int(n))))
 
 
 def patchify_units(images: torch.Tensor, unit_size: int, k: int) -> torch.Tensor:
@@ -148,6 +148,8 @@ class MaskedPretrainer(nn.Module):
         if len(mfm_weights) != 3:
             raise ValueError(f"mfm_weights needs 3 values (p2, p3, p4), got {mfm_weights}")
         self.mfm_weights = tuple(float(w) for w in mfm_weights)
+        if mfm_decoder is not None:
+            self._freeze_zero_weight_levels(mfm_decoder)
 
         if teacher is not None:
             teacher.bind(self.backbone)
@@ -157,6 +159,27 @@ class MaskedPretrainer(nn.Module):
                 )
         self._local_iter = 0  # used only when no EventStorage is active
         self._skipped_total = 0
+        self._skipped_pending = 0  # this process's skips not yet summed over processes
+        # With several processes the skip counts are summed over them every this many
+        # iterations (a CPU collective); the trainer sets it to train.log_period.
+        self.metrics_period = 1
+
+    def _freeze_zero_weight_levels(self, mfm_decoder) -> None:
+        """A 0 in ``mfm_weights`` skips that level's loss, so the level's output head (its norm
+        and prediction layer) would get no gradient: DDP with ``find_unused_parameters=False``
+        then fails at the next iteration ("Expected to have finished reduction in the prior
+        iteration"). Those parameters are frozen instead (DDP and the optimizer skip them; the
+        checkpoint keeps them). All levels at 0: the whole decoder is frozen."""
+        if all(w == 0 for w in self.mfm_weights):
+            mfm_decoder.requires_grad_(False)
+            return
+        for i, w in enumerate(self.mfm_weights):
+            if w != 0:
+                continue
+            for part in ("decoder_norm", "decoder_pred"):
+                heads = getattr(mfm_decoder, part, None)
+                if heads is not None:
+                    heads[i].requires_grad_(False)
 
     @property
     def device(self) -> torch.device:
@@ -173,8 +196,41 @@ class MaskedPretrainer(nn.Module):
             raise ValueError(
                 f"MaskedPretrainer: 'image' must be (3, H, W) with H, W multiples of {self.unit_size}, got {shape}"
             )
-        x = torch.stack([im.to(self.device, non_blocking=True) for im in images]).float()
+        x = self._stack_to_device(images).float()  # uint8 from the mapper: 4x less to copy
         return (x - self.pixel_mean) / self.pixel_std
+
+    def _stack_to_device(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``torch.stack(tensors)`` on the model's device with ONE host-to-device copy: on CUDA the
+        host tensors are stacked into a pinned buffer (torch's caching host allocator reuses it),
+        so the copy is asynchronous; a per-tensor ``non_blocking`` copy from pageable memory is not."""
+        if self.device.type == "cuda" and all(t.device.type == "cpu" for t in tensors):
+            t0 = tensors[0]
+            buf = torch.empty((len(tensors), *t0.shape), dtype=t0.dtype, pin_memory=True)
+            torch.stack(list(tensors), out=buf)
+            return buf.to(self.device, non_blocking=True)
+        return torch.stack([t.to(self.device) for t in tensors])
+
+    def masks_of(self, batched_inputs: List[Dict], grid) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(ids_keep (B, N_vis), mask (B, N)) on the model's device from the samples' own masks
+        (``"mask"`` and ``"ids_keep"``, drawn in the DataLoader workers from each sample's seed by
+        :func:`itpn_d2.data.resumable.attach_mask_generator`), or from their ``"mask_seed"``s;
+        None when the samples carry neither."""
+        n = grid[0] * grid[1]
+        if all("mask" in d and "ids_keep" in d for d in batched_inputs):
+            for d in batched_inputs:
+                if d["mask"].numel() != n:
+                    raise ValueError(
+                        f"MaskedPretrainer: a sample's 'mask' has {d['mask'].numel()} units, its image {n} "
+                        f"({grid[0]}x{grid[1]}): the loader's mask unit differs from the model's ({self.unit_size})"
+                    )
+            return (
+                self._stack_to_device([d["ids_keep"] for d in batched_inputs]),
+                self._stack_to_device([d["mask"].reshape(n) for d in batched_inputs]),
+            )
+        seeds = [d.get("mask_seed") for d in batched_inputs]
+        if all(s is not None for s in seeds):
+            return self.make_mask_from_seeds(seeds, grid)
+        return None
 
     def make_mask(self, batch_size: int, grid, generator: Optional[torch.Generator] = None):
         """(ids_keep (B, N_vis), mask (B, N) bool True = masked) from the mask generator."""
@@ -190,13 +246,11 @@ class MaskedPretrainer(nn.Module):
         Returns (ids_keep (B, N_vis), mask (B, N)) as :meth:`make_mask`.
         """
         keeps, masks = [], []
-        cpu = torch.device("cpu")
         for s in seeds:  # drawn on the CPU, moved to the model's device once
-            gen = torch.Generator().manual_seed(int(s))
-            k, m = self.mask_generator(1, grid, self.mask_ratio, device=cpu, generator=gen)
+            k, m = mask_from_seed(self.mask_generator, grid, self.mask_ratio, s)
             keeps.append(k)
             masks.append(m)
-        return torch.cat(keeps).to(self.device), torch.cat(masks).to(self.device)
+        return self._stack_to_device(keeps), self._stack_to_device(masks)
 
     def predict(self, images: torch.Tensor, ids_keep: torch.Tensor) -> Dict[str, object]:
         """The student alone, for a given mask.
@@ -291,11 +345,8 @@ class MaskedPretrainer(nn.Module):
             return self.reconstruct(images)
 
         it = self._iteration()
-        seeds = [d.get("mask_seed") for d in batched_inputs]
-        if all(s is not None for s in seeds):
-            ids_keep, mask = self.make_mask_from_seeds(seeds, grid)
-        else:
-            ids_keep, mask = self.make_mask(B, grid)
+        given = self.masks_of(batched_inputs, grid)
+        ids_keep, mask = given if given is not None else self.make_mask(B, grid)
         teacher_targets = None
         momentum = None
         if self.teacher is not None:
@@ -321,14 +372,20 @@ class MaskedPretrainer(nn.Module):
         self._local_iter += 1
         storage = _current_storage()
         if storage is not None:
-            scalars = {"mask_ratio": float(m.mean())}
+            # every generator masks exactly this many units per sample: a host number, no device sync
+            n = grid[0] * grid[1]
+            scalars = {"mask_ratio": num_masked_units(n, self.mask_ratio) / n}
             if momentum is not None:
                 scalars["ema_momentum"] = momentum
-            # Only the main process's EventStorage is written out: count every process's skips.
-            skipped = _sum_over_processes(sum(int(d.get("skipped_images", 0)) for d in batched_inputs), self.device)
-            self._skipped_total += skipped
-            scalars["skipped_images"] = skipped
-            scalars["skipped_images_total"] = self._skipped_total  # all processes, since this process started
+            # Only the main process's EventStorage is written out: count every process's skips,
+            # summed over processes every metrics_period iterations (host ints, no device sync).
+            self._skipped_pending += sum(int(d.get("skipped_images", 0)) for d in batched_inputs)
+            if comm.get_world_size() == 1 or (it + 1) % max(1, self.metrics_period) == 0:
+                skipped = _sum_over_processes(self._skipped_pending)
+                self._skipped_pending = 0
+                self._skipped_total += skipped
+                scalars["skipped_images"] = skipped  # since the previous report
+                scalars["skipped_images_total"] = self._skipped_total  # all processes, since this process started
             storage.put_scalars(**scalars, smoothing_hint=False)
         return losses
 
