@@ -160,6 +160,7 @@ class MaskedPretrainer(nn.Module):
         self._local_iter = 0  # used only when no EventStorage is active
         self._skipped_total = 0
         self._skipped_pending = 0  # this process's skips not yet summed over processes
+        self._ema_iter = -1  # the iteration of the last EMA teacher update
         # With several processes the skip counts are summed over them every this many
         # iterations (a CPU collective); the trainer sets it to train.log_period.
         self.metrics_period = 1
@@ -352,7 +353,11 @@ class MaskedPretrainer(nn.Module):
         if self.teacher is not None:
             if isinstance(self.teacher, EMATeacher):
                 momentum = self.teacher.momentum_at(it)
-                self.teacher.update(self.backbone, momentum=momentum)
+                # once per iteration: with gradient accumulation forward runs k times per
+                # optimizer step, and the student has not moved in between
+                if it != self._ema_iter:
+                    self.teacher.update(self.backbone, momentum=momentum)
+                    self._ema_iter = it
             teacher_targets = self.teacher(images)
         out = self.predict(images, ids_keep)
         maps = self.unit_losses(images, out, teacher_targets)
