@@ -434,3 +434,35 @@ def test_loader_workers_attach_the_models_masks(tmp_path):
     assert torch.equal(torch.stack([d["ids_keep"] for d in batch]), keep)
     assert torch.equal(torch.stack([d["mask"] for d in batch]), mask)
     assert not attach_mask_generator([], model.mask_generator, 0.75, 16)
+
+
+def test_grad_accumulation_through_the_cli_and_resume(tmp_path):
+    """train.grad_accum_steps=2 at 2 images == 4 images per step (same stream positions), and a
+    resumed accumulating run continues the stream where it stopped (iteration * k batches)."""
+    from _train_cli import load_model, max_abs_diff
+
+    datasets = tmp_path / "datasets"
+    make_image_folder(datasets, n=10)
+    env = env_for(datasets)
+    common = ["train.checkpointer.period=2", "train.max_iter=4"]
+    big = run(train_cmd(tmp_path / "big", *common, "dataloader.train.total_batch_size=4"), env)
+    assert big.returncode == 0, big.stderr[-3000:]
+    acc = [*common, "dataloader.train.total_batch_size=2", "train.grad_accum_steps=2"]
+    full = run(train_cmd(tmp_path / "acc", *acc), env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    m_big, m_acc = metrics(tmp_path / "big"), metrics(tmp_path / "acc")
+    assert m_big[3]["lr"] > 0
+    for it in range(4):
+        assert m_acc[it]["total_loss"] == pytest.approx(m_big[it]["total_loss"], rel=1e-4), it
+    w_big = load_model(tmp_path / "big" / "model_final.pth")
+    assert max_abs_diff(w_big, load_model(tmp_path / "acc" / "model_final.pth")) < 1e-5
+
+    # resume the accumulating run from its iteration-1 checkpoint: iterations 2, 3 again
+    (tmp_path / "acc" / "model_final.pth").unlink()
+    (tmp_path / "acc" / "last_checkpoint").write_text("model_0000001.pth")
+    rest = run(train_cmd(tmp_path / "acc", *acc, resume=True), env)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    log = (tmp_path / "acc" / "log.txt").read_text()
+    assert "Training data continues at iteration 2 of its deterministic stream (batch 4: 2 batches" in log
+    diff = max_abs_diff(w_big, load_model(tmp_path / "acc" / "model_final.pth"))
+    assert diff < 1e-5, diff

@@ -119,8 +119,12 @@ def do_train(args, cfg):
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     # The loader's workers start with the first batch, inside trainer.train: still in time.
     # An iteration reads grad_accum_steps batches of the stream.
-    if set_loader_start_iter(train_loader, start_iter * trainer.grad_accum_steps):
-        logger.info(f"Training data continues at iteration {start_iter} of its deterministic stream")
+    k = trainer.grad_accum_steps
+    if set_loader_start_iter(train_loader, start_iter * k):
+        logger.info(
+            f"Training data continues at iteration {start_iter} of its deterministic stream"
+            + (f" (batch {start_iter * k}: {k} batches per iteration)" if k > 1 else "")
+        )
     elif start_iter > 0:
         logger.info("The training data loader restarts its stream on resume (not a resumable loader)")
     trainer.train(start_iter, cfg.train.max_iter)
