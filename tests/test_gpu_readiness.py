@@ -466,3 +466,51 @@ def test_grad_accumulation_through_the_cli_and_resume(tmp_path):
     assert "Training data continues at iteration 2 of its deterministic stream (batch 4: 2 batches" in log
     diff = max_abs_diff(w_big, load_model(tmp_path / "acc" / "model_final.pth"))
     assert diff < 1e-5, diff
+
+
+# ------------------------------------------------------------------ 7: the benchmark
+
+
+def _benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("itpn_benchmark_tool", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "benchmark.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_flops_leave_out_recomputation():
+    from itpn_d2.utils.benchmark import count_flops
+
+    bench = _benchmark_module()
+    model = tiny_pretrainer(mim="fused", mfm=False).train()
+    data = bench.loader_inputs(model, smooth_images(2).round().to(torch.uint8))
+    assert all("ids_keep" in d and d["image"].dtype == torch.uint8 for d in data)
+
+    def step():
+        torch.manual_seed(0)
+        with EventStorage(0):
+            sum(model(data).values()).backward()
+
+    plain = count_flops(step)
+    model.backbone.net.use_act_checkpoint = True
+    assert count_flops(step) > plain  # the recomputed forward is counted by the flop counter
+    assert bench.model_flops(step, model) == plain
+    assert model.backbone.net.use_act_checkpoint  # restored
+
+
+def test_benchmark_loop_runs_the_training_path():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "tools", "benchmark.py"), "--what", "loop",
+           "--config", "configs/pretrain/mim_mfm_itpn_tiny_cpu.py", "--img", "64", "--batch", "4",
+           "--dtypes", "fp32", "--warmup", "1", "--reps", "2", "--workers", "1", "--loop-images", "8"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root),
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "masks drawn in the DataLoader workers" in r.stdout and "ITPNTrainer" in r.stdout, r.stdout
+    assert "[loop] fp32:" in r.stdout and "img/s" in r.stdout, r.stdout
