@@ -514,3 +514,35 @@ def test_benchmark_loop_runs_the_training_path():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "masks drawn in the DataLoader workers" in r.stdout and "ITPNTrainer" in r.stdout, r.stdout
     assert "[loop] fp32:" in r.stdout and "img/s" in r.stdout, r.stdout
+
+
+# --------------------------------------------------------------------- 11: compile
+
+
+def test_reconstruction_hook_compiles_nothing(tmp_path):
+    """The visualiser runs on the main process alone: it must not compile eval-mode graphs
+    there while the other ranks wait in their next all-reduce."""
+    from PIL import Image
+    from torch._dynamo.testing import CompileCounter
+
+    from itpn_d2.engine.compile import compile_modules
+    from itpn_d2.engine.hooks import ReconstructionVisualizer
+
+    torch._dynamo.reset()
+    try:
+        model = tiny_pretrainer(mim="fused", mfm=False).train()
+        counter = CompileCounter()
+        compile_modules(model, backend=counter)
+        with EventStorage(0):
+            sum(model([{"image": im, "mask_seed": i} for i, im in enumerate(smooth_images(2))]).values()).backward()
+        frames = counter.frame_count
+        assert frames > 0
+        files = []
+        for i, im in enumerate(smooth_images(2, seed=4)):
+            files.append(str(tmp_path / f"{i}.png"))
+            Image.fromarray(im.permute(1, 2, 0).round().to(torch.uint8).numpy()).save(files[-1])
+        hook = ReconstructionVisualizer(1, str(tmp_path / "run"), file_names=files, num_images=2, image_size=64)
+        figure = hook.render(model)
+        assert figure.ndim == 3 and counter.frame_count == frames
+    finally:
+        torch._dynamo.reset()

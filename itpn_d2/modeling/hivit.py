@@ -177,7 +177,7 @@ class Attention(nn.Module):
         table_t = table.to(dtype).T.contiguous()  # (heads, T): the gather writes (heads, L, L) in place
         L = rel_index.shape[-1]
         if rel_index.dim() == 2:
-            return table_t[:, rel_index.reshape(-1)].view(self.num_heads, L, L)
+            return torch.index_select(table_t, 1, rel_index.reshape(-1)).view(self.num_heads, L, L)
         B = rel_index.shape[0]
         idx = rel_index.reshape(B, 1, L * L).expand(B, self.num_heads, L * L)
         out = torch.gather(table_t.unsqueeze(0).expand(B, -1, -1), 2, idx)
