@@ -546,3 +546,39 @@ def test_reconstruction_hook_compiles_nothing(tmp_path):
         assert figure.ndim == 3 and counter.frame_count == frames
     finally:
         torch._dynamo.reset()
+
+
+def test_detector_compiles_dynamic_and_stops_recompiling(repo_root):
+    from torch._dynamo.testing import CompileCounter
+
+    from itpn_d2.engine.compile import maybe_compile
+    from test_backbone import _sample, _tiny_mask_rcnn
+
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        model = _tiny_mask_rcnn(repo_root).train()
+        counter = CompileCounter()
+        maybe_compile(model, {"enabled": True, "options": {"backend": counter}})
+        assert model.backbone.net._compiled_call_impl is not None
+        frames = []
+        for i, (h, w) in enumerate([(128, 160), (112, 128), (144, 176)]):
+            with EventStorage(i):
+                sum(model([_sample(h, w)]).values()).backward()
+            frames.append(counter.frame_count)
+        assert frames[2] == frames[1], frames  # the third size compiles nothing new
+        pre = tiny_pretrainer(mim="fused", mfm=False)
+        seen = {}
+        import itpn_d2.engine.compile as compile_mod
+
+        orig = compile_mod.compile_modules
+        try:
+            compile_mod.compile_modules = lambda m, mods, **o: seen.update(o) or ["x"]
+            maybe_compile(pre, {"enabled": True})
+            assert seen.get("dynamic") is None  # fixed-size pre-training crops: dynamo's default
+            maybe_compile(model, {"enabled": True})
+            assert seen.get("dynamic") is True
+        finally:
+            compile_mod.compile_modules = orig
+    finally:
+        torch._dynamo.reset()
