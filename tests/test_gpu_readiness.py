@@ -582,3 +582,27 @@ def test_detector_compiles_dynamic_and_stops_recompiling(repo_root):
             compile_mod.compile_modules = orig
     finally:
         torch._dynamo.reset()
+
+
+def test_grad_accumulation_with_two_ddp_processes(tmp_path):
+    """2 processes x 2 images x 2 accumulated batches (DDP's no_sync on the first) == 1 process
+    x 8 images: the same global samples per optimizer step, the same weights."""
+    from _train_cli import load_model, max_abs_diff
+
+    datasets = tmp_path / "datasets"
+    make_image_folder(datasets, n=10)
+    env = env_for(datasets)
+    one = run(train_cmd(tmp_path / "one", "train.max_iter=3", "train.checkpointer.period=100",
+                        "dataloader.train.total_batch_size=8"), env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    url = f"file://{tmp_path / 'rendezvous'}"
+    two = run(train_cmd(tmp_path / "two", "train.max_iter=3", "train.checkpointer.period=100",
+                        "dataloader.train.total_batch_size=4", "train.grad_accum_steps=2",
+                        num_gpus=2, extra_args=["--dist-url", url]), env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert m1[2]["lr"] > 0
+    for it in range(3):
+        assert m2[it]["total_loss"] == pytest.approx(m1[it]["total_loss"], rel=1e-4), it
+    diff = max_abs_diff(load_model(tmp_path / "one" / "model_final.pth"), load_model(tmp_path / "two" / "model_final.pth"))
+    assert diff < 1e-5, diff
