@@ -314,11 +314,16 @@ class MaskedPretrainer(nn.Module):
         """
         Args:
             batched_inputs: list of dicts (detectron2's format), each with
-                "image": (3, H, W) float/uint8 tensor, 0-255 RGB, H and W multiples of 16,
-                all of one size; optional "skipped_images": int (files the mapper skipped),
-                summed and logged as ``skipped_images`` (and the running ``skipped_images_total``);
-                optional "mask_seed": int; when every sample has one, each sample's mask
-                is drawn from it (:meth:`make_mask_from_seeds`), else from the global RNG.
+                "image": (3, H, W) uint8 (the mapper's) or float tensor, 0-255 RGB, H and W
+                multiples of 16, all of one size, on the host (stacked into one pinned
+                buffer and copied to the device once) or on the device;
+                optional "skipped_images": int (files the mapper skipped), summed over
+                processes every ``metrics_period`` iterations and logged as
+                ``skipped_images`` (and the running ``skipped_images_total``);
+                optional "ids_keep" (N_vis,) long and "mask" (N,) bool: the sample's mask,
+                drawn in the DataLoader worker (:meth:`masks_of`); else optional
+                "mask_seed": int; when every sample has one, each sample's mask is drawn
+                from it (:meth:`make_mask_from_seeds`), else from the global RNG.
 
         Returns:
             training: dict of scalar loss tensors only (detectron2 sums all values):
