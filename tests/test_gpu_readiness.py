@@ -606,3 +606,13 @@ def test_grad_accumulation_with_two_ddp_processes(tmp_path):
         assert m2[it]["total_loss"] == pytest.approx(m1[it]["total_loss"], rel=1e-4), it
     diff = max_abs_diff(load_model(tmp_path / "one" / "model_final.pth"), load_model(tmp_path / "two" / "model_final.pth"))
     assert diff < 1e-5, diff
+
+
+def test_losses_are_gathered_every_log_period_and_at_the_end():
+    model = _Regression()
+    trainer = ITPNTrainer(model, iter(_batches(_samples(40), 4)), torch.optim.SGD(model.parameters(), lr=0.1),
+                          gather_metric_period=4)
+    trainer.max_iter = 7
+    _train(trainer, 7)
+    logged = [it for _, it in trainer.storage.history("loss_mse").values()]
+    assert logged == [3, 6]  # iteration 3 (period) and 6 (the last), none in between

@@ -216,7 +216,8 @@ class ITPNTrainer(SimpleTrainer):
 
     def _write_metrics(self, loss_dict: Dict[str, float], data_time: float, prefix: str = "", iter=None):
         iter = self.iter if iter is None else iter
-        if (iter + 1) % self.gather_metric_period == 0:
+        last = iter == getattr(self, "max_iter", 0) - 1  # the final losses are logged whatever the period
+        if (iter + 1) % self.gather_metric_period == 0 or last:
             # host floats already (the finite check brought them over): no device access here
             SimpleTrainer.write_metrics(
                 {k: torch.tensor(v) for k, v in loss_dict.items()}, data_time, iter, prefix
