@@ -16,6 +16,13 @@ those step FLOPs per second over the card's dense tensor-core peak from its data
 If mmpretrain is not installed, our side still runs and the reference is reported
 as unavailable.
 
+Training loop (``--what loop``): images/s of the pre-training step exactly as
+``tools/lazyconfig_train_net.py`` runs it: the config's resumable loader over a folder of
+generated JPEG-free PNGs (decode, RandomResizedCrop, flip in ``--workers`` DataLoader
+workers, masks drawn there too where the code supports it), the trainer from
+``build_trainer`` (finite check, metrics) and the config's optimizer. The step time
+includes waiting for the loader, the host-to-device copy and the model's mask handling.
+
 Detection (``--what det``): training-step time (forward, backward, AdamW) and
 inference latency of a Mask R-CNN config on synthetic images at detectron2's usual
 sizes (short side 800 -> 800x1216 padded, and 1024x1024).
@@ -29,9 +36,17 @@ bf16/fp16 on a CPU without native kernels (no AVX-512 bf16 / AMX: oneDNN reports
 is skipped with a message: every bf16 matmul and convolution there is emulated at < 1
 GFLOP/s, so a base-model step would take hours (``--force-bf16`` runs it anyway).
 
-Peak memory: GPU ``torch.cuda.max_memory_allocated``; CPU the process's resident-set
-high-water mark during one step (both models live in one process, so on CPU it is a
-process figure, not a per-side one). Detection also prints "peak allocated": live
+Peak memory: GPU ``torch.cuda.max_memory_allocated`` minus the other side's live tensors
+(model, gradients, optimizer state), so each side's figure is its own; CPU the process's
+resident-set high-water mark during one step (both models live in one process, so on CPU
+it is a process figure, not a per-side one).
+
+The pre-training step of ``--what pretrain`` feeds the model what the loader gives it in
+training: uint8 images on the host with each sample's mask drawn beforehand (as the
+DataLoader workers do), so the step includes the pinned host-to-device copy. FLOPs (and so
+MFU) are counted with activation checkpointing switched off: recomputation is work the
+card does, not model FLOPs. Detection heads run under autocast as in training
+(``--det-bf16-heads fp32`` for the CPU-friendly variant). Detection also prints "peak allocated": live
 tensor bytes at their peak from the profiler's allocation events, the quantity
 ``max_memory_allocated`` reports on a GPU, so a CPU run estimates what a card needs
 (``--opts model.backbone.net.use_act_checkpoint=True`` for activation checkpointing).
@@ -57,6 +72,7 @@ import argparse
 import os
 import platform
 import sys
+import time
 import traceback
 
 import torch
@@ -76,6 +92,7 @@ from itpn_d2.utils.benchmark import (  # noqa: E402
     peak_allocated,
     peak_memory,
     summarize,
+    sync,
     time_interleaved,
     time_reps,
 )
@@ -86,14 +103,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", default="pretrain", help="comma list of: pretrain, det")
+    p.add_argument("--what", default="pretrain", help="comma list of: pretrain, loop, det")
     p.add_argument("--config", default="configs/pretrain/mim_itpn_base_mmpretrain_800ep.py",
                    help="pre-training LazyConfig (ours)")
     p.add_argument("--det-config", default="configs/COCO/mask_rcnn_itpn_base_1x.py", help="detection LazyConfig")
     p.add_argument("--arch", default=None,
                    help="override model.backbone.net with hivit_arch(SIZE[,LAYOUT]), e.g. 'tiny' or 'base,official'")
     p.add_argument("--opts", nargs="*", default=[], help="extra LazyConfig overrides key=value (both configs)")
-    p.add_argument("--batch", type=int, default=4, help="pre-training batch")
+    p.add_argument("--batch", type=int, default=None,
+                   help="pre-training batch (default: 512 on a GPU, the release's per-GPU batch of its 8xb512 "
+                        "recipe; 4 on a CPU)")
+    p.add_argument("--workers", type=int, default=2, help="--what loop: DataLoader workers")
+    p.add_argument("--loop-images", type=int, default=64, help="--what loop: images in the generated folder")
     p.add_argument("--img", type=int, default=224, help="pre-training resolution")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16 (autocast)")
@@ -101,8 +122,9 @@ def parse_args(argv=None):
                    help="run mmpretrain's iTPN beside ours (auto: when comparable and installed)")
     p.add_argument("--det-batch", type=int, default=None, help="detection batch (default 2 GPU, 1 CPU)")
     p.add_argument("--det-sizes", default="800x1216,1024x1024", help="HxW list for detection")
-    p.add_argument("--det-bf16-heads", choices=["fp32", "bf16"], default="fp32",
-                   help="under bf16 autocast, run the detection heads in fp32 (default) or bf16")
+    p.add_argument("--det-bf16-heads", choices=["fp32", "bf16"], default="bf16",
+                   help="under bf16/fp16 autocast, run the detection heads under autocast as training does "
+                        "(bf16, default) or in fp32 (faster on CPUs without native bf16)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="1 warm-up, 3 reps (pretrain) / 1+1 (det)")
@@ -200,12 +222,47 @@ class TrainStep:
         self.opt.step()
 
 
+def loader_inputs(model, images, seed=0):
+    """What the training loader hands the model: uint8 host images, each with the mask its
+    DataLoader worker drew from the sample's seed (``ids_keep``, ``mask``), when this version
+    of the code draws masks there; else the seed (the model draws the mask in the step)."""
+    try:
+        from itpn_d2.modeling.masking import mask_from_seed
+    except ImportError:
+        mask_from_seed = None
+    out = []
+    for i, im in enumerate(images):
+        d = {"image": im, "mask_seed": seed + i}
+        if mask_from_seed is not None:
+            u = model.unit_size
+            d["ids_keep"], d["mask"] = mask_from_seed(
+                model.mask_generator, (im.shape[-2] // u, im.shape[-1] // u), model.mask_ratio, seed + i)
+        out.append(d)
+    return out
+
+
+def model_flops(fn, *models) -> int:
+    """FLOPs of ``fn`` with activation checkpointing off in ``models`` (HiViT's
+    ``use_act_checkpoint``): the recomputed forward in backward is not model work."""
+    saved = []
+    for m in models:
+        for mod in m.modules():
+            if getattr(mod, "use_act_checkpoint", False):
+                saved.append(mod)
+                mod.use_act_checkpoint = False
+    try:
+        return count_flops(fn)
+    finally:
+        for mod in saved:
+            mod.use_act_checkpoint = True
+
+
 class OursStep(TrainStep):
-    """One pre-training step of our MaskedPretrainer."""
+    """One pre-training step of our MaskedPretrainer, from host inputs as the loader gives them."""
 
     def __init__(self, model, images, device, dtype, forward=None, optimizer=None):
         self.model, self.device, self.dtype = model, device, dtype
-        self.inputs = [{"image": im.to(device)} for im in images]
+        self.inputs = loader_inputs(model, images)
         self.opt = optimizer if optimizer is not None else make_optimizer(model)
         self.forward = forward if forward is not None else model
 
@@ -273,11 +330,12 @@ class ReferenceStep(TrainStep):
 
         self.model, self.device, self.dtype = model, device, dtype
         # default_collate's format (a stacked batch), as mmengine's runner feeds it
-        self.data = {"inputs": torch.stack(images).to(device), "data_samples": [DataSample() for _ in images]}
+        self.data = {"inputs": torch.stack(images), "data_samples": [DataSample() for _ in images]}
         self.opt = optimizer if optimizer is not None else make_optimizer(model)
 
     def loss(self):
         with autocast_ctx(self.device, self.dtype):
+            # mmengine's preprocessor copies the host batch to the device, as in its training
             data = self.model.data_preprocessor(self.data, True)
             losses = self.model.loss(data["inputs"], data["data_samples"])
             loss, _ = self.model.parse_losses(losses)
@@ -369,6 +427,7 @@ def bench_pretrain(args, device, warmup, reps):
 
     images = synthetic_images(args.batch, args.img)
     on_gpu = torch.device(device).type == "cuda"
+    models = {"ours": ours, "reference": ref}
     results = {}
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -395,7 +454,7 @@ def bench_pretrain(args, device, warmup, reps):
                 steps.pop("reference")
         flops = {}
         for name, step in steps.items():
-            flops[name] = count_flops(step.fwd_bwd)
+            flops[name] = model_flops(step.fwd_bwd, step.model)
         times = time_interleaved(steps, warmup=warmup, reps=reps, device=device)
         for name, step in steps.items():
             s = summarize(times[name])
@@ -408,7 +467,14 @@ def bench_pretrain(args, device, warmup, reps):
                 print(f"[pretrain] {name} {dname}: MFU {100 * rate / (card * 1e3):.1f}% of the datasheet peak "
                       "(model FLOPs of the step from torch.utils.flop_counter / step time)")
             if not args.no_memory:
+                others = [n for n in steps if n != name]
+                other_bytes = 0
+                if on_gpu and others:  # the other side's weights, gradients and optimizer state are not ours
+                    other_bytes = live_tensor_bytes(*[models[n] for n in others], *[steps[n].opt for n in others])
                 mem = peak_memory(step, device)
+                if other_bytes and mem["bytes"] is not None:
+                    mem = {"bytes": mem["bytes"] - other_bytes,
+                           "how": f"{mem['how']} minus the other side's {other_bytes / 2**20:.0f} MiB of live tensors"}
                 print(f"[pretrain] {name} {dname}: peak memory {fmt_mem(mem)}")
             results[(name, dname)] = s["median"]
         if "reference" in steps:
@@ -437,6 +503,93 @@ def profile_pretrain(model, forward, images, device, dtypes, out_dir, optimizer=
         with open(path, "w") as f:
             f.write(table)
         print(f"[profile] {dname}: {path}")
+
+
+# ------------------------------------------------------------------- training loop
+def bench_image_folder(n, size, seed=0):
+    """``n`` generated PNGs (smooth colour fields, size x size) in a temporary folder,
+    registered as the dataset "itpn_benchmark_unlabeled"; returns the name."""
+    import tempfile
+
+    import numpy as np
+    from detectron2.data import DatasetCatalog
+    from PIL import Image
+
+    from itpn_d2.data.image_folder import register_image_folder
+
+    root = tempfile.mkdtemp(prefix="itpn_bench_images_")
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        low = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((size, size), Image.BICUBIC).save(os.path.join(root, f"{i:05d}.png"))
+    name = "itpn_benchmark_unlabeled"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    register_image_folder(name, root)
+    return name, root
+
+
+def bench_loop(args, device, warmup, reps):
+    """Images/s of ``trainer.run_step()`` with the config's loader, trainer and optimizer."""
+    import shutil
+
+    from detectron2.config import instantiate
+    from detectron2.utils.events import EventStorage
+
+    from itpn_d2.engine.trainer import build_trainer
+
+    dtypes = usable_dtypes(args, device, "loop")
+    name, root = bench_image_folder(args.loop_images, max(256, args.img + args.img // 2))
+    on_gpu = torch.device(device).type == "cuda"
+    try:
+        for dname in dtypes:
+            cfg = load_cfg(args.config, args)
+            cfg.model.backbone.net.pretrain_img_size = args.img
+            for dec in ("pixel_decoder", "mfm_decoder"):
+                if cfg.model.get(dec) is not None:
+                    cfg.model[dec].pretrain_img_size = args.img
+            cfg.model.mask_ratio = args.mask_ratio
+            cfg.dataloader.train.dataset.names = name
+            cfg.dataloader.train.mapper.image_size = args.img
+            cfg.dataloader.train.total_batch_size = args.batch
+            cfg.dataloader.train.num_workers = args.workers
+            cfg.train.device = str(device)
+            cfg.train.amp.enabled = dname != "fp32"
+            if dname != "fp32":
+                cfg.train.amp.dtype = {"bf16": "bfloat16", "fp16": "float16"}[dname]
+            torch.manual_seed(0)
+            model = instantiate(cfg.model).to(device)
+            cfg.optimizer.params.model = model
+            opt = instantiate(cfg.optimizer)
+            loader = instantiate(cfg.dataloader.train)
+            masks = "in the training step"
+            try:
+                from itpn_d2.data.resumable import attach_mask_generator
+
+                if attach_mask_generator(loader, model.mask_generator, model.mask_ratio, model.unit_size):
+                    masks = "in the DataLoader workers"
+            except ImportError:
+                pass
+            trainer = build_trainer(cfg, model, loader, opt)
+            print(f"[loop] {args.config}{' arch=' + args.arch if args.arch else ''}: batch {args.batch}, {args.img}px, "
+                  f"{args.workers} workers, {type(trainer).__name__}, masks drawn {masks}")
+            times = []
+            with EventStorage(0) as storage:
+                trainer.storage = storage
+                for i in range(warmup + reps):
+                    trainer.iter = storage.iter = i
+                    sync(device)
+                    t0 = time.perf_counter()
+                    trainer.run_step()
+                    sync(device)
+                    if i >= warmup:
+                        times.append(time.perf_counter() - t0)
+            s = summarize(times)
+            print(f"[loop] {dname}: {args.batch / s['median']:.2f} img/s; step {format_summary(s)} "
+                  f"(loader wait included{'; H2D copy included' if on_gpu else ''})")
+            del trainer, loader, opt, model
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------ detection
@@ -532,14 +685,18 @@ def main(argv=None):
     import itpn_d2  # noqa: F401  (registries)
 
     print(machine_line(device))
+    if args.batch is None:
+        args.batch = 512 if device.type == "cuda" else 4
     what = [w.strip() for w in args.what.split(",") if w.strip()]
-    unknown = set(what) - {"pretrain", "det"}
+    unknown = set(what) - {"pretrain", "loop", "det"}
     if unknown:
-        raise SystemExit(f"--what: unknown {sorted(unknown)}; choose from pretrain, det")
+        raise SystemExit(f"--what: unknown {sorted(unknown)}; choose from pretrain, loop, det")
     pw, pr = (1, 3) if args.quick else (3, 10)
     dw, dr = (1, 1) if args.quick else (1, 3)
     if "pretrain" in what:
         bench_pretrain(args, device, args.warmup if args.warmup is not None else pw, args.reps or pr)
+    if "loop" in what:
+        bench_loop(args, device, args.warmup if args.warmup is not None else pw, args.reps or pr)
     if "det" in what:
         bench_det(args, device, args.warmup if args.warmup is not None else dw, args.reps or dr)
 

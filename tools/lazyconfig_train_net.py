@@ -11,6 +11,10 @@ Additions over detectron2's script (our configs also run under the stock one):
 * ``train.extra_hooks``: a list of LazyCall hooks (e.g. ``ReconstructionVisualizer``).
 * ``train.compile.enabled=True``: ``torch.compile`` the backbone and decoders in place
   (:mod:`itpn_d2.engine.compile`; ``train.compile.options`` go to ``torch.compile``).
+* ``train.amp.dtype`` (bfloat16 / float16) is honoured on CUDA too (fp16 with a GradScaler,
+  bf16 without); ``train.grad_accum_steps=k`` accumulates k batches per optimizer step
+  (:mod:`itpn_d2.engine.trainer`). A multi-process run refuses a ``train.output_dir`` that
+  not every process sees.
 
 Reliability (see the README section "Multi-process and multi-node runs"):
 * ``--num-gpus N`` is detectron2's "processes per machine": N GPUs with NCCL, or, with
@@ -52,14 +56,20 @@ from itpn_d2.checkpoint import (  # noqa: E402
     NonFiniteWeightsError,
     last_finite_checkpoint,
 )
-from itpn_d2.data.resumable import NoReadableImagesError, set_loader_start_iter  # noqa: E402
+from itpn_d2.data.resumable import NoReadableImagesError, attach_mask_generator, set_loader_start_iter  # noqa: E402
 from itpn_d2.engine.compile import maybe_compile  # noqa: E402
 from itpn_d2.engine.determinism import DeterministicStepRNG  # noqa: E402
-from itpn_d2.engine.distributed import create_ddp_model, launch, share_cpu_threads  # noqa: E402
+from itpn_d2.engine.distributed import (  # noqa: E402
+    OutputDirNotSharedError,
+    check_shared_output_dir,
+    create_ddp_model,
+    launch,
+    share_cpu_threads,
+)
 from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides, validate_config  # noqa: E402
 from itpn_d2.engine.run_lock import OutputDirLockedError, lock_output_dir  # noqa: E402
 from itpn_d2.engine.skipped_images import SkippedImagesMetric  # noqa: E402
-from itpn_d2.engine.trainer import NonFiniteLossError, build_trainer  # noqa: E402
+from itpn_d2.engine.trainer import NonFiniteLossError, TrainConfigError, amp_dtype_of, build_trainer  # noqa: E402
 
 # Errors that are the user's input, not a bug: one clear line, no traceback.
 USER_ERRORS = (
@@ -71,6 +81,8 @@ USER_ERRORS = (
     NonFiniteWeightsError,
     NoReadableImagesError,
     OutputDirLockedError,
+    OutputDirNotSharedError,
+    TrainConfigError,
 )
 
 logger = logging.getLogger("itpn_d2")
@@ -102,14 +114,16 @@ def do_train(args, cfg):
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
+    if hasattr(model, "mask_generator"):  # pre-training: masks drawn in the DataLoader workers
+        attach_mask_generator(train_loader, model.mask_generator, model.mask_ratio, model.unit_size)
 
-    model = create_ddp_model(model, **cfg.train.ddp)
+    model = create_ddp_model(model, **cfg.train.ddp, amp_dtype=amp_dtype_of(cfg))
     trainer = build_trainer(cfg, model, train_loader, optim)
     checkpointer = make_checkpointer(cfg, model, trainer=trainer)
     trainer.register_hooks(
         [
             DeterministicStepRNG(cfg.train.get("seed", None)),  # drop path etc.: f(seed, iteration, sample)
-            SkippedImagesMetric(),  # every process: summed over them
+            SkippedImagesMetric(cfg.train.log_period),  # every process: summed over them
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
@@ -129,8 +143,13 @@ def do_train(args, cfg):
         finish_completed_run(cfg, model, checkpointer, start_iter)
         return
     # The loader's workers start with the first batch, inside trainer.train: still in time.
-    if set_loader_start_iter(train_loader, start_iter):
-        logger.info(f"Training data continues at iteration {start_iter} of its deterministic stream")
+    # An iteration reads grad_accum_steps batches of the stream.
+    k = trainer.grad_accum_steps
+    if set_loader_start_iter(train_loader, start_iter * k):
+        logger.info(
+            f"Training data continues at iteration {start_iter} of its deterministic stream"
+            + (f" (batch {start_iter * k}: {k} batches per iteration)" if k > 1 else "")
+        )
     elif start_iter > 0:
         logger.info("The training data loader restarts its stream on resume (not a resumable loader)")
     trainer.train(start_iter, cfg.train.max_iter)
@@ -189,6 +208,9 @@ def main(args):
     # default_setup configures detectron2's and fvcore's loggers only.
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="itpn_d2")
     share_cpu_threads(cfg.train.get("device", "cuda"))
+    # Every process reads and writes checkpoints there: a node-local directory in a multi-node
+    # run would make ranks resume from different iterations.
+    check_shared_output_dir(cfg.train.output_dir)
     if args.eval_only:
         _check_eval_weights(cfg, args)
         model = instantiate(cfg.model)

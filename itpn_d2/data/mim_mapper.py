@@ -1,10 +1,11 @@
 """Dataset mapper for masked-image-modeling pre-training.
 
 Turns a ``{"file_name", "image_id"}`` dict (see :mod:`itpn_d2.data.image_folder`)
-into the model's input: ``{"image": (3, S, S) float32 RGB in [0, 255], ...}``
+into the model's input: ``{"image": (3, S, S) uint8 RGB, ...}``
 after RandomResizedCrop (bicubic), horizontal flip and optional colour jitter.
-Normalisation by ``pixel_mean`` / ``pixel_std`` happens in the model, as in every
-detectron2 meta-architecture.
+Normalisation by ``pixel_mean`` / ``pixel_std`` happens in the model, on its device, as in
+every detectron2 meta-architecture. uint8 (150 KB at 224 px, float32 would be 602 KB) keeps
+the DataLoader's shared memory (``/dev/shm``) and the host-to-device copy 4x smaller.
 
 A file that cannot be decoded (corrupt, truncated, empty, not an image, vanished)
 never stops a run: the mapper logs one warning naming it, returns ``None`` (so
@@ -173,7 +174,7 @@ class MIMDatasetMapper(SkippedFileCounter):
     Map an unlabelled image dict to a pre-training sample.
 
     Output dict: the input's keys plus
-      - "image": (3, S, S) float32 tensor, RGB, values in [0, 255];
+      - "image": (3, S, S) uint8 tensor, RGB;
       - "height", "width": S, S (the sample's size, as detectron2 models expect);
       - "skipped_images": int, how many unreadable files this process skipped since
         its previous good sample.
@@ -247,7 +248,7 @@ class MIMDatasetMapper(SkippedFileCounter):
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if self._jitter is not None:
             tensor = self._jitter(tensor)
-        dataset_dict["image"] = tensor.float()
+        dataset_dict["image"] = tensor  # uint8 (ColorJitter on uint8 returns uint8)
         dataset_dict["height"], dataset_dict["width"] = h, w
         self._hand_over_skips(dataset_dict)
         return dataset_dict

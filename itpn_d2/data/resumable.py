@@ -14,8 +14,11 @@ and everything random about it is derived from ``(seed, p)`` alone:
 * the mapper's augmentation: Python's, numpy's and torch's global RNGs are seeded from
   ``(seed, p, attempt)`` around the mapper call (and restored afterwards), so any
   detectron2-style mapper (``np.random`` / ``torch.rand``) becomes deterministic;
-* the pre-trainer's mask: each output dict gets ``"mask_seed"``, from which
-  :class:`~itpn_d2.modeling.MaskedPretrainer` draws that sample's mask.
+* the pre-trainer's mask: each output dict gets ``"mask_seed"``; once the training script
+  has called :func:`attach_mask_generator` with the model's mask generator, the DataLoader
+  workers draw each sample's mask from it (``"mask"``, ``"ids_keep"``), off the training
+  process's critical path; else :class:`~itpn_d2.modeling.MaskedPretrainer` draws it from the
+  seed. Both use :func:`itpn_d2.modeling.masking.mask_from_seed`: the same mask either way.
 
 So the stream is the same for any number of processes (ranks take consecutive slices
 of each global batch; DDP averages the per-rank means = the global mean), any number of
@@ -48,6 +51,7 @@ __all__ = [
     "PositionalMapStream",
     "build_resumable_train_loader",
     "set_loader_start_iter",
+    "attach_mask_generator",
     "derive_seed",
 ]
 
@@ -258,6 +262,7 @@ class PositionalMapStream(torchdata.IterableDataset):
         self.sampler = sampler
         self.max_consecutive_failures = int(max_consecutive_failures)
         self._failed = set()  # indices the mapper returned None for, in this process
+        self.mask_spec = None  # (mask_generator, mask_ratio, unit_size): see attach_mask_generator
 
     def set_start_iter(self, start_iter: int) -> None:
         self.sampler.set_start_iter(start_iter)
@@ -303,9 +308,20 @@ class PositionalMapStream(torchdata.IterableDataset):
             "unusable annotations: see the 'Skipping ...' warnings above). Check the dataset's files."
         )
 
+    def _add_mask(self, out: dict) -> None:
+        from itpn_d2.modeling.masking import mask_from_seed  # data must not import modeling at load time
+
+        gen, ratio, unit = self.mask_spec
+        h, w = out["image"].shape[-2:]
+        if h % unit or w % unit:
+            raise ValueError(f"a {h}x{w} training image is not a multiple of the {unit}-pixel mask unit")
+        out["ids_keep"], out["mask"] = mask_from_seed(gen, (h // unit, w // unit), ratio, out["mask_seed"])
+
     def _finish(self, out, position: int):
         if isinstance(out, dict):
             out["mask_seed"] = derive_seed(self.sampler.seed, position, _MASK_STREAM)
+            if self.mask_spec is not None:
+                self._add_mask(out)
         return out
 
     def _describe_dataset(self, indices) -> str:
@@ -392,5 +408,19 @@ def set_loader_start_iter(loader, start_iter: int) -> bool:
     stream = getattr(loader, "dataset", None)
     if isinstance(stream, PositionalMapStream):
         stream.set_start_iter(start_iter)
+        return True
+    return False
+
+
+def attach_mask_generator(loader, mask_generator, mask_ratio: float, unit_size: int) -> bool:
+    """Have the DataLoader workers of a loader built by :func:`build_resumable_train_loader`
+    draw each sample's mask (``"ids_keep"`` (N_vis,) long, ``"mask"`` (N,) bool) from its
+    ``"mask_seed"``, as :class:`~itpn_d2.modeling.MaskedPretrainer` would (call it before the
+    first batch is drawn: the workers copy the stream when they start). Moves ~0.06 ms
+    (random) to ~0.3 ms (block-wise) per sample off the training process. Returns False (and
+    changes nothing) for any other loader."""
+    stream = getattr(loader, "dataset", None)
+    if isinstance(stream, PositionalMapStream):
+        stream.mask_spec = (mask_generator, float(mask_ratio), int(unit_size))
         return True
     return False

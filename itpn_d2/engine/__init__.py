@@ -3,6 +3,7 @@ from .trainer import (
     AutocastTrainer,
     FiniteCheckAMPTrainer,
     FiniteCheckTrainer,
+    ITPNTrainer,
     NonFiniteLossError,
     build_trainer,
     check_finite_losses,

@@ -103,7 +103,10 @@ class ReconstructionVisualizer(HookBase):
         was_training = model.training
         model.eval()
         try:
-            with torch.random.fork_rng(devices=[]):
+            # Eager even where train.compile compiled the model's submodules: this runs on the
+            # main process alone, and an eval-mode call would compile new graphs there while
+            # the other ranks wait for it in their next all-reduce.
+            with torch.random.fork_rng(devices=[]), torch.compiler.set_stance("force_eager"):
                 out = model([{"image": im} for im in self._images])
         finally:
             model.train(was_training)

@@ -4,14 +4,17 @@ The mappers that skip unreadable files (``MIMDatasetMapper``, ``SafeDatasetMappe
 :mod:`itpn_d2.data.skipped_files`) run in DataLoader workers, so their counters live in
 other processes; each hands its count over on its next good sample as the field
 ``"skipped_images"``. :class:`SkippedImagesMetric` reads that field from every batch the
-trainer draws, sums it over the training processes and logs, each iteration,
+trainer draws, sums it over the training processes and logs
 
-* ``skipped_images``: files skipped for this iteration's batch (all processes);
+* ``skipped_images``: files skipped since the previous report (all processes);
 * ``skipped_images_total``: the running total since this process started.
+
+One process reports every iteration; several processes report every ``period`` iterations
+(``train.log_period``) and at the last one, summing with detectron2's CPU (gloo) collective
+so that no GPU sync is added to the step.
 
 Any model works (detection, segmentation, pre-training): nothing is asked of it.
 """
-import torch
 import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -49,7 +52,8 @@ class SkippedImagesMetric(HookBase):
     """Logs ``skipped_images`` / ``skipped_images_total`` (module docstring). Register it on
     every process: the sum over processes is a collective."""
 
-    def __init__(self):
+    def __init__(self, period: int = 1):
+        self.period = max(1, int(period))
         self.pending = 0
         self.total = 0
 
@@ -58,12 +62,13 @@ class SkippedImagesMetric(HookBase):
         self.trainer.data_loader = _CountingLoader(self.trainer.data_loader, self)
 
     def after_step(self):
-        n, self.pending = self.pending, 0
         if comm.get_world_size() > 1 and dist.is_initialized():
-            t = torch.tensor([n], dtype=torch.long)
-            if dist.get_backend() == "nccl":
-                t = t.cuda()
-            dist.all_reduce(t)
-            n = int(t.item())
+            next_iter = self.trainer.iter + 1
+            if next_iter % self.period and next_iter != self.trainer.max_iter:
+                return
+            n, self.pending = self.pending, 0
+            n = int(sum(comm.all_gather(n)))  # a gloo group under NCCL: host ints, no device sync
+        else:
+            n, self.pending = self.pending, 0
         self.total += n
         self.trainer.storage.put_scalars(skipped_images=n, skipped_images_total=self.total, smoothing_hint=False)

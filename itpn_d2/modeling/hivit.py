@@ -154,10 +154,16 @@ class Attention(nn.Module):
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * gh - 1) * (2 * gw - 1), num_heads))
             trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def rel_pos_bias(self, rel_index: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """Bias for a ``grid``; ``rel_index`` (..., L, L) indexes a (2h-1)(2w-1) table.
+    def rel_pos_bias(
+        self, rel_index: torch.Tensor, grid: Tuple[int, int], dtype: Optional[torch.dtype] = None
+    ) -> torch.Tensor:
+        """Bias for a ``grid``; ``rel_index`` (L, L) or (B, L, L) indexes a (2h-1)(2w-1) table.
 
-        Returns (..., heads, L, L) with the batch dims of ``rel_index``.
+        Returns a contiguous (heads, L, L) or (B, heads, L, L) tensor in ``dtype`` (default: the
+        autocast dtype when autocast is on, else the table's). SDPA's flash / memory-efficient
+        kernels need the bias contiguous in its last dimension and in the query's dtype; built
+        any other way (``table[rel_index].movedim(-1, -3)``) the flash kernel is excluded and the
+        memory-efficient one copies the bias in every block.
         """
         table = self.relative_position_bias_table
         gh, gw = self.rel_pos_grid
@@ -166,8 +172,17 @@ class Attention(nn.Module):
             table = table.T.reshape(1, self.num_heads, 2 * gh - 1, 2 * gw - 1)
             table = F.interpolate(table, size=(2 * h - 1, 2 * w - 1), mode="bicubic", align_corners=False)
             table = table.reshape(self.num_heads, -1).T
-        bias = table[rel_index]  # (..., L, L, heads)
-        return bias.movedim(-1, -3)
+        if dtype is None:
+            dev = table.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else table.dtype
+        table_t = table.to(dtype).T.contiguous()  # (heads, T): the gather writes (heads, L, L) in place
+        L = rel_index.shape[-1]
+        if rel_index.dim() == 2:
+            return torch.index_select(table_t, 1, rel_index.reshape(-1)).view(self.num_heads, L, L)
+        B = rel_index.shape[0]
+        idx = rel_index.reshape(B, 1, L * L).expand(B, self.num_heads, L * L)
+        out = torch.gather(table_t.unsqueeze(0).expand(B, -1, -1), 2, idx)
+        return out.view(B, self.num_heads, L, L)
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, L, C); attn_bias: broadcastable to (B, heads, L, L) or None."""

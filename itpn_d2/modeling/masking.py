@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["num_masked_units", "RandomMaskGenerator", "BlockMaskGenerator", "mask_to_ids_keep"]
+__all__ = ["num_masked_units", "RandomMaskGenerator", "BlockMaskGenerator", "mask_to_ids_keep", "mask_from_seed"]
 
 
 def num_masked_units(num_units: int, mask_ratio: float) -> int:
@@ -43,6 +43,22 @@ def mask_to_ids_keep(mask: torch.Tensor) -> torch.Tensor:
     # A stable sort of the mask puts the kept (False) units first in raster order.
     order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
     return order[:, : int(counts[0])]
+
+
+def mask_from_seed(mask_generator, grid: Tuple[int, int], mask_ratio: float, seed: int):
+    """One sample's mask, a function of ``seed`` alone: ``mask_generator`` draws it on the CPU
+    from a ``torch.Generator`` seeded with ``seed``.
+
+    The pre-trainer (:meth:`~itpn_d2.modeling.MaskedPretrainer.make_mask_from_seeds`) and the
+    DataLoader workers (:func:`itpn_d2.data.resumable.attach_mask_generator`) both call this,
+    so a mask drawn in a worker is the very mask the model would draw from the same seed.
+
+    Returns:
+        ids_keep: (N_vis,) long, sorted; mask: (N,) bool, True = masked; both on the CPU.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    ids_keep, mask = mask_generator(1, grid, mask_ratio, device=torch.device("cpu"), generator=gen)
+    return ids_keep[0], mask[0]
 
 
 def _rand(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:

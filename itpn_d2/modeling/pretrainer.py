@@ -21,10 +21,9 @@ No leak: the only path from the pixels of a masked unit into the student is thro
 its own tokens, which are dropped before the first block, so nothing of a masked
 unit reaches any visible feature or any student prediction (the tests check it).
 """
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -32,6 +31,7 @@ from detectron2.utils.events import get_event_storage
 
 from .backbone import ITPNBackbone
 from .decoder import LEVEL_NAMES, LEVEL_STRIDES, LevelDecoder, PixelDecoder
+from .masking import mask_from_seed, num_masked_units
 from .teacher import EMATeacher
 
 __all__ = ["MaskedPretrainer", "patchify_units", "norm_targets"]
@@ -42,15 +42,6 @@ def _current_storage():
         return get_event_storage()
     except AssertionError:  # no EventStorage active (plain scripts, tests)
         return None
-
-
-def _sum_over_processes(n: int, device) -> int:
-    """``n`` summed over all training processes (a collective: every rank calls it each step)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return n
-    t = torch.tensor([n], dtype=torch.long, device=device)
-    dist.all_reduce(t)
-    return int(t.item())
 
 
 def patchify_units(images: torch.Tensor, unit_size: int, k: int) -> torch.Tensor:
@@ -148,6 +139,8 @@ class MaskedPretrainer(nn.Module):
         if len(mfm_weights) != 3:
             raise ValueError(f"mfm_weights needs 3 values (p2, p3, p4), got {mfm_weights}")
         self.mfm_weights = tuple(float(w) for w in mfm_weights)
+        if mfm_decoder is not None:
+            self._freeze_zero_weight_levels(mfm_decoder)
 
         if teacher is not None:
             teacher.bind(self.backbone)
@@ -156,6 +149,24 @@ class MaskedPretrainer(nn.Module):
                     f"mfm_decoder.out_dims {mfm_decoder.out_dims} must all equal the teacher's width {teacher.out_dim}"
                 )
         self._local_iter = 0  # used only when no EventStorage is active
+        self._ema_iter = -1  # the iteration of the last EMA teacher update
+
+    def _freeze_zero_weight_levels(self, mfm_decoder) -> None:
+        """A 0 in ``mfm_weights`` skips that level's loss, so the level's output head (its norm
+        and prediction layer) would get no gradient: DDP with ``find_unused_parameters=False``
+        then fails at the next iteration ("Expected to have finished reduction in the prior
+        iteration"). Those parameters are frozen instead (DDP and the optimizer skip them; the
+        checkpoint keeps them). All levels at 0: the whole decoder is frozen."""
+        if all(w == 0 for w in self.mfm_weights):
+            mfm_decoder.requires_grad_(False)
+            return
+        for i, w in enumerate(self.mfm_weights):
+            if w != 0:
+                continue
+            for part in ("decoder_norm", "decoder_pred"):
+                heads = getattr(mfm_decoder, part, None)
+                if heads is not None:
+                    heads[i].requires_grad_(False)
 
     @property
     def device(self) -> torch.device:
@@ -172,8 +183,41 @@ class MaskedPretrainer(nn.Module):
             raise ValueError(
                 f"MaskedPretrainer: 'image' must be (3, H, W) with H, W multiples of {self.unit_size}, got {shape}"
             )
-        x = torch.stack([im.to(self.device, non_blocking=True) for im in images]).float()
+        x = self._stack_to_device(images).float()  # uint8 from the mapper: 4x less to copy
         return (x - self.pixel_mean) / self.pixel_std
+
+    def _stack_to_device(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``torch.stack(tensors)`` on the model's device with ONE host-to-device copy: on CUDA the
+        host tensors are stacked into a pinned buffer (torch's caching host allocator reuses it),
+        so the copy is asynchronous; a per-tensor ``non_blocking`` copy from pageable memory is not."""
+        if self.device.type == "cuda" and all(t.device.type == "cpu" for t in tensors):
+            t0 = tensors[0]
+            buf = torch.empty((len(tensors), *t0.shape), dtype=t0.dtype, pin_memory=True)
+            torch.stack(list(tensors), out=buf)
+            return buf.to(self.device, non_blocking=True)
+        return torch.stack([t.to(self.device) for t in tensors])
+
+    def masks_of(self, batched_inputs: List[Dict], grid) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(ids_keep (B, N_vis), mask (B, N)) on the model's device from the samples' own masks
+        (``"mask"`` and ``"ids_keep"``, drawn in the DataLoader workers from each sample's seed by
+        :func:`itpn_d2.data.resumable.attach_mask_generator`), or from their ``"mask_seed"``s;
+        None when the samples carry neither."""
+        n = grid[0] * grid[1]
+        if all("mask" in d and "ids_keep" in d for d in batched_inputs):
+            for d in batched_inputs:
+                if d["mask"].numel() != n:
+                    raise ValueError(
+                        f"MaskedPretrainer: a sample's 'mask' has {d['mask'].numel()} units, its image {n} "
+                        f"({grid[0]}x{grid[1]}): the loader's mask unit differs from the model's ({self.unit_size})"
+                    )
+            return (
+                self._stack_to_device([d["ids_keep"] for d in batched_inputs]),
+                self._stack_to_device([d["mask"].reshape(n) for d in batched_inputs]),
+            )
+        seeds = [d.get("mask_seed") for d in batched_inputs]
+        if all(s is not None for s in seeds):
+            return self.make_mask_from_seeds(seeds, grid)
+        return None
 
     def make_mask(self, batch_size: int, grid, generator: Optional[torch.Generator] = None):
         """(ids_keep (B, N_vis), mask (B, N) bool True = masked) from the mask generator."""
@@ -189,13 +233,11 @@ class MaskedPretrainer(nn.Module):
         Returns (ids_keep (B, N_vis), mask (B, N)) as :meth:`make_mask`.
         """
         keeps, masks = [], []
-        cpu = torch.device("cpu")
         for s in seeds:  # drawn on the CPU, moved to the model's device once
-            gen = torch.Generator().manual_seed(int(s))
-            k, m = self.mask_generator(1, grid, self.mask_ratio, device=cpu, generator=gen)
+            k, m = mask_from_seed(self.mask_generator, grid, self.mask_ratio, s)
             keeps.append(k)
             masks.append(m)
-        return torch.cat(keeps).to(self.device), torch.cat(masks).to(self.device)
+        return self._stack_to_device(keeps), self._stack_to_device(masks)
 
     def predict(self, images: torch.Tensor, ids_keep: torch.Tensor) -> Dict[str, object]:
         """The student alone, for a given mask.
@@ -258,11 +300,15 @@ class MaskedPretrainer(nn.Module):
         """
         Args:
             batched_inputs: list of dicts (detectron2's format), each with
-                "image": (3, H, W) float/uint8 tensor, 0-255 RGB, H and W multiples of 16,
-                all of one size (a "skipped_images" field is logged by the training hook
+                "image": (3, H, W) uint8 (the mapper's) or float tensor, 0-255 RGB, H and W
+                multiples of 16, all of one size, on the host (stacked into one pinned
+                buffer and copied to the device once) or on the device (a "skipped_images"
+                field is logged by the training hook
                 ``itpn_d2.engine.skipped_images.SkippedImagesMetric``, not here);
-                optional "mask_seed": int; when every sample has one, each sample's mask
-                is drawn from it (:meth:`make_mask_from_seeds`), else from the global RNG.
+                optional "ids_keep" (N_vis,) long and "mask" (N,) bool: the sample's mask,
+                drawn in the DataLoader worker (:meth:`masks_of`); else optional
+                "mask_seed": int; when every sample has one, each sample's mask is drawn
+                from it (:meth:`make_mask_from_seeds`), else from the global RNG.
 
         Returns:
             training: dict of scalar loss tensors only (detectron2 sums all values):
@@ -290,17 +336,18 @@ class MaskedPretrainer(nn.Module):
             return self.reconstruct(images)
 
         it = self._iteration()
-        seeds = [d.get("mask_seed") for d in batched_inputs]
-        if all(s is not None for s in seeds):
-            ids_keep, mask = self.make_mask_from_seeds(seeds, grid)
-        else:
-            ids_keep, mask = self.make_mask(B, grid)
+        given = self.masks_of(batched_inputs, grid)
+        ids_keep, mask = given if given is not None else self.make_mask(B, grid)
         teacher_targets = None
         momentum = None
         if self.teacher is not None:
             if isinstance(self.teacher, EMATeacher):
                 momentum = self.teacher.momentum_at(it)
-                self.teacher.update(self.backbone, momentum=momentum)
+                # once per iteration: with gradient accumulation forward runs k times per
+                # optimizer step, and the student has not moved in between
+                if it != self._ema_iter:
+                    self.teacher.update(self.backbone, momentum=momentum)
+                    self._ema_iter = it
             teacher_targets = self.teacher(images)
         out = self.predict(images, ids_keep)
         maps = self.unit_losses(images, out, teacher_targets)
@@ -320,7 +367,9 @@ class MaskedPretrainer(nn.Module):
         self._local_iter += 1
         storage = _current_storage()
         if storage is not None:
-            scalars = {"mask_ratio": float(m.mean())}
+            # every generator masks exactly this many units per sample: a host number, no device sync
+            n = grid[0] * grid[1]
+            scalars = {"mask_ratio": num_masked_units(n, self.mask_ratio) / n}
             if momentum is not None:
                 scalars["ema_momentum"] = momentum
             storage.put_scalars(**scalars, smoothing_hint=False)
