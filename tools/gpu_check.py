@@ -233,8 +233,9 @@ def pretrain_stage(mode, device, ctx):
             fig["ratio_ours_over_reference"] = _num(rf"^\[pretrain\] ratio ours/reference {d} \(throughput\): "
                                                     r"([\d.]+)x", out, "ratio")
         else:
-            m = re.search(r"^\[pretrain\] reference(?: \w+)?: (UNAVAILABLE: .*|not run.*)$", out, re.M)
-            fig["reference"] = "reference unavailable: " + (m.group(1) if m else "no reference line in the output")
+            m = re.search(r"^\[pretrain\] reference(?: \w+)?: (?:UNAVAILABLE: (.*)|(not run.*))$", out, re.M)
+            why = (m.group(1) or m.group(2)) if m else "no reference line in the output"
+            fig["reference"] = "reference unavailable: " + why
             fig["ratio_ours_over_reference"] = None
         return fig
 
