@@ -151,3 +151,26 @@ def test_pretrain_parser_reads_a_gpu_report_with_reference():
     fig = tool.pretrain_stage("gpu", "cuda", {"out": "/tmp"})[1](ours_only)
     assert fig["reference"] == "reference unavailable: mmpretrain not importable (ModuleNotFoundError: x)"
     assert fig["ours_mfu"] == pytest.approx(0.081) and fig["ratio_ours_over_reference"] is None
+
+
+def test_det_parser_reads_a_gpu_report():
+    """bf16 lines carry the heads' precision in their tag, which the fp32 CPU mode never prints."""
+    tool = _tool()
+    out = "\n".join([
+        "[det] configs/COCO/mask_rcnn_itpn_base_1x.py: 110.00M parameters, batch 2",
+        "[det] train 1024x1024 bf16 (heads bf16): 6.50 img/s; step median 0.3077 s (IQR 0.3-0.31, min 0.3, "
+        "max 0.31, n=3)",
+        "[det] train 1024x1024 bf16 (heads bf16): peak memory 21000 MiB (torch.cuda.max_memory_allocated)",
+        "[det] train 1024x1024 bf16 (heads bf16): peak allocated 20500 MiB (profiler allocation events)",
+        "[det] inference 1024x1024 bf16 (heads bf16): latency median 0.1000 s (IQR 0.1-0.1, min 0.1, max 0.1, n=3) "
+        "for batch 2",
+    ])
+    cmd, parse, _ = tool.det_stage("gpu", "cuda", {"out": "/tmp"}, act_ckpt=True)
+    assert "--det-sizes" in cmd and cmd[cmd.index("--det-sizes") + 1] == "1024x1024"
+    assert cmd[cmd.index("--det-batch") + 1] == "2" and "model.backbone.net.use_act_checkpoint=True" in cmd
+    fig = parse(out)
+    assert fig["train_s_per_iter"] == 0.3077 and fig["train_peak_memory_mib"] == 21000
+    assert fig["train_peak_memory_how"] == "torch.cuda.max_memory_allocated"
+    assert fig["inference_s_per_batch"] == 0.1 and fig["activation_checkpointing"] is True
+    with pytest.raises(tool.StageError, match="train peak memory"):
+        parse(out.replace("peak memory 21000", "peak memory n/a"))
