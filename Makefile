@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up .venv and run the main job on built-in generated data
 #   make test   set up .venv and run the tests
+#   make gpu-check   the GPU acceptance run (tools/gpu_check.py)
 # VENV_FLAGS=--system-site-packages reuses a detectron2 you built yourself.
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test demo gpu-check clean
 
 $(VENV)/.installed: setup.py tools/install_detectron2.py Makefile
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -26,6 +27,10 @@ test: install
 
 demo: install
 	$(PY) tools/run_main_job.py
+
+# GPU acceptance: every stage's figures in output/gpu_check/gpu_check.json (tiny CPU mode without CUDA)
+gpu-check: install
+	$(PY) tools/gpu_check.py
 
 clean:
 	rm -rf $(VENV) output

@@ -1,0 +1,531 @@
+#!/usr/bin/env python
+"""GPU acceptance check, one command: every figure a first GPU run should give, in one JSON.
+
+Stages (each a subprocess with its own time budget; a failing or timed-out stage is
+recorded with its error text and the others still run):
+
+  1. pretrain   a pre-training step of the mmpretrain-layout base model
+                (``configs/pretrain/mim_itpn_base_mmpretrain_800ep.py``) beside mmpretrain
+                1.2.0's iTPN in bf16: img/s of both, the ratio, GFLOP/s, MFU against the
+                card's datasheet peak (``tools/benchmark.py --what pretrain``). Without the
+                ``bench`` extra the reference is recorded as unavailable and our side still runs.
+  2. det        Mask R-CNN base (``configs/COCO/mask_rcnn_itpn_base_1x.py``) at 1024x1024,
+                batch 2, bf16: s/iteration and ``torch.cuda.max_memory_allocated`` of a training
+                step, with and without activation checkpointing (``tools/benchmark.py --what det``).
+  3. seg        UPerNet base (``configs/ADE20K/uper_itpn_base_160k.py``) at 512x512, batch 4,
+                bf16: s/iteration and peak memory of a training step (this file, ``--seg-worker``).
+  4. finetune   the demo's fine-tuning (``configs/COCO/mask_rcnn_itpn_tiny_demo.py``) on the
+                built-in generated data (``datasets/generate_synthetic.py``) for a few hundred
+                iterations with ``train.device=cuda`` and bf16 AMP, then COCO evaluation: the
+                box AP proves the CUDA training and evaluation paths end to end.
+
+On a GPU the whole check is sized to finish in under 8 minutes (``--budget``). On a machine
+without CUDA (or with ``--cpu``) the same stages and code paths run at tiny sizes (tiny
+HiViT, small images, 2-4 iterations, fp32: a CPU without native bf16 would emulate it) in
+about two minutes; ``tests/test_gpu_check.py`` runs that mode.
+
+    python tools/gpu_check.py                       # GPU: writes output/gpu_check/gpu_check.json
+    python tools/gpu_check.py --cpu --out /tmp/gc   # the CPU mode
+    make gpu-check
+
+The JSON holds ``machine`` (hostname, CPU, cores, RAM, GPU, its memory, driver, CUDA),
+``versions`` (python, torch, torchvision, detectron2, timm, mmpretrain/mmengine when
+installed, the git commit), ``stages`` (per stage: status ok/failed/timeout/skipped,
+seconds, the command, its figures, the error text and the log path) and ``total_seconds``.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN_CONFIG = "configs/pretrain/mim_itpn_base_mmpretrain_800ep.py"
+DET_CONFIG = "configs/COCO/mask_rcnn_itpn_base_1x.py"
+SEG_CONFIG = "configs/ADE20K/uper_itpn_base_160k.py"
+FINETUNE_CONFIG = "configs/COCO/mask_rcnn_itpn_tiny_demo.py"
+RESULT_MARK = "GPU_CHECK_RESULT "
+
+# Sizes and budgets (seconds) per mode. GPU budgets add up to < 8 minutes with the
+# start-up of each subprocess (imports, model build) inside them.
+MODES = {
+    "gpu": {
+        "budget": 470,
+        "pretrain": {"budget": 110, "batch": 256, "img": 224, "dtype": "bf16", "warmup": 2, "reps": 5},
+        "det": {"budget": 70, "batch": 2, "size": "1024x1024", "dtype": "bf16", "warmup": 1, "reps": 3},
+        "seg": {"budget": 55, "batch": 4, "size": 512, "dtype": "bf16", "warmup": 1, "reps": 3},
+        "finetune": {"budget": 165, "iters": 300, "num_train": 200, "num_val": 50, "workers": 6},
+    },
+    "cpu": {
+        "budget": 900,
+        "pretrain": {"budget": 240, "batch": 2, "img": 64, "dtype": "fp32", "warmup": 0, "reps": 2,
+                     "arch": "tiny"},
+        # the demo detector (tiny HiViT, light heads): the base config's heads with a tiny
+        # backbone take ~40 s a step on a busy 2-core machine
+        "det": {"budget": 240, "batch": 1, "size": "128x128", "dtype": "fp32", "warmup": 0, "reps": 1,
+                "config": FINETUNE_CONFIG},
+        "seg": {"budget": 240, "batch": 2, "size": 64, "dtype": "fp32", "warmup": 0, "reps": 2, "arch": "tiny",
+                "opts": ["model.sem_seg_head.channels=32", "model.sem_seg_head.aux_channels=16"]},
+        "finetune": {"budget": 300, "iters": 4, "num_train": 8, "num_val": 4, "workers": 1},
+    },
+}
+STAGES = ("pretrain", "det", "det_act_ckpt", "seg", "finetune")
+
+
+# ----------------------------------------------------------------------------- machine
+def _cmd_out(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info():
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    ram = None
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal:"))
+            ram = round(kb / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "hostname": socket.gethostname(),
+        "cpu": cpu,
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gib": ram,
+        "cuda_available": torch.cuda.is_available(),
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "gpu": None,
+        "gpu_memory_gib": None,
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "driver": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+        info["driver"] = _cmd_out(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    return info
+
+
+def versions():
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "detectron2", "timm", "fvcore", "mmpretrain", "mmengine", "mmcv-lite"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    if out["detectron2"] is None:  # a source build may carry no distribution metadata
+        try:
+            import detectron2
+
+            out["detectron2"] = getattr(detectron2, "__version__", None)
+        except ImportError:
+            pass
+    out["git_commit"] = _cmd_out(["git", "rev-parse", "HEAD"])
+    out["git_dirty"] = bool(_cmd_out(["git", "status", "--porcelain", "--untracked-files=no"]))
+    return out
+
+
+# ------------------------------------------------------------------------ subprocesses
+def run_logged(cmd, log_path, timeout, env=None):
+    """Run ``cmd`` from the repository root in its own process group, output to ``log_path``.
+    Returns (returncode or None on timeout, output text). On timeout the whole group (the
+    DataLoader workers of a training run included) is killed."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            rc = None
+    with open(log_path, errors="replace") as f:
+        return rc, f.read()
+
+
+def _tail(text, n=30):
+    return "\n".join(text.rstrip().splitlines()[-n:])
+
+
+class StageError(RuntimeError):
+    pass
+
+
+def _num(pattern, text, what, required=True, group=1):
+    m = re.search(pattern, text, re.M)
+    if m is None:
+        if required:
+            raise StageError(f"expected figure '{what}' not in the output (pattern {pattern!r})")
+        return None
+    return float(m.group(group))
+
+
+# ------------------------------------------------------------------------------- stages
+def pretrain_stage(mode, device, ctx):
+    c = MODES[mode]["pretrain"]
+    cmd = [sys.executable, "tools/benchmark.py", "--what", "pretrain", "--config", PRETRAIN_CONFIG,
+           "--device", device, "--batch", str(c["batch"]), "--img", str(c["img"]), "--dtypes", c["dtype"],
+           "--warmup", str(c["warmup"]), "--reps", str(c["reps"])]
+    if c.get("arch"):
+        cmd += ["--arch", c["arch"]]
+    if device == "cuda":
+        cmd += ["--opts", "optimizer.fused=True"]  # the fused AdamW kernel, as the README benchmark
+
+    def parse(out):
+        d = c["dtype"]
+        if re.search(rf"^\[pretrain\] {d}: SKIPPED", out, re.M):
+            raise StageError(f"benchmark skipped {d} on this machine")
+        fig = {"config": PRETRAIN_CONFIG, "arch": c.get("arch", "base (config)"), "dtype": d,
+               "batch": c["batch"], "img": c["img"]}
+        fig["ours_img_per_s"] = _num(rf"^\[pretrain\] ours {d}: ([\d.]+) img/s", out, "ours img/s")
+        fig["ours_s_per_iter"] = _num(rf"^\[pretrain\] ours {d}: .*step median ([\d.]+) s", out, "ours s/iter")
+        fig["ours_gflop_per_img"] = _num(rf"^\[pretrain\] ours {d}: ([\d.]+) GFLOP/img", out, "GFLOP/img")
+        fig["ours_gflop_per_s"] = _num(rf"^\[pretrain\] ours {d}: .*; ([\d.]+) GFLOP/s =", out, "GFLOP/s")
+        fig["matmul_gflop_per_s"] = _num(rf"^\[pretrain\] matmul \d+x\d+ {d}: ([\d.]+) GFLOP/s", out, "matmul")
+        fig["ours_fraction_of_matmul_rate"] = _num(rf"^\[pretrain\] ours {d}: .*= (\d+)% of the", out,
+                                                   "% of matmul rate") / 100
+        fig["datasheet_peak_tflops"] = _num(rf"^\[pretrain\] {d} datasheet peak: ([\d.]+) TFLOP/s", out,
+                                            "datasheet peak", required=False)
+        mfu = _num(rf"^\[pretrain\] ours {d}: MFU ([\d.]+)%", out, "MFU", required=device == "cuda" and
+                   fig["datasheet_peak_tflops"] is not None)
+        fig["ours_mfu"] = None if mfu is None else mfu / 100
+        if fig["ours_mfu"] is None:
+            fig["ours_mfu_note"] = ("no datasheet peak on a CPU" if device != "cuda"
+                                    else "card not in the datasheet table (tools/benchmark.py --peak-tflops)")
+        fig["ours_peak_memory_mib"] = _num(rf"^\[pretrain\] ours {d}: peak memory (\d+) MiB", out, "peak memory")
+        ref_img = _num(rf"^\[pretrain\] reference {d}: ([\d.]+) img/s", out, "reference", required=False)
+        if ref_img is not None:
+            fig["reference"] = "mmpretrain " + "itpn-pixel_hivit-base-p16_8xb512-amp-coslr-800e_in1k"
+            fig["reference_img_per_s"] = ref_img
+            fig["reference_s_per_iter"] = _num(rf"^\[pretrain\] reference {d}: .*step median ([\d.]+) s", out,
+                                               "reference s/iter")
+            fig["reference_gflop_per_s"] = _num(rf"^\[pretrain\] reference {d}: .*; ([\d.]+) GFLOP/s =", out,
+                                                "reference GFLOP/s")
+            rm = _num(rf"^\[pretrain\] reference {d}: MFU ([\d.]+)%", out, "reference MFU", required=False)
+            fig["reference_mfu"] = None if rm is None else rm / 100
+            fig["ratio_ours_over_reference"] = _num(rf"^\[pretrain\] ratio ours/reference {d} \(throughput\): "
+                                                    r"([\d.]+)x", out, "ratio")
+        else:
+            m = re.search(r"^\[pretrain\] reference(?: \w+)?: (?:UNAVAILABLE: (.*)|(not run.*))$", out, re.M)
+            why = (m.group(1) or m.group(2)) if m else "no reference line in the output"
+            fig["reference"] = "reference unavailable: " + why
+            fig["ratio_ours_over_reference"] = None
+        return fig
+
+    return cmd, parse, None
+
+
+def det_stage(mode, device, ctx, act_ckpt):
+    c = MODES[mode]["det"]
+    config = c.get("config", DET_CONFIG)
+    cmd = [sys.executable, "tools/benchmark.py", "--what", "det", "--det-config", config, "--device", device,
+           "--det-batch", str(c["batch"]), "--det-sizes", c["size"], "--dtypes", c["dtype"],
+           "--warmup", str(c["warmup"]), "--reps", str(c["reps"])]
+    if c.get("arch"):
+        cmd += ["--arch", c["arch"]]
+    cmd += ["--opts", f"model.backbone.net.use_act_checkpoint={act_ckpt}"]
+
+    def parse(out):
+        d = c["dtype"]
+        if re.search(rf"^\[det\] {d}: SKIPPED", out, re.M):
+            raise StageError(f"benchmark skipped {d} on this machine")
+        tag = re.escape(f"{c['size']} {d}") + r"(?: \(heads \w+\))?"
+        fig = {"config": config, "arch": c.get("arch", "(config)"), "dtype": d, "batch": c["batch"],
+               "size": c["size"], "activation_checkpointing": act_ckpt}
+        fig["train_s_per_iter"] = _num(rf"^\[det\] train {tag}: .*step median ([\d.]+) s", out, "train s/iter")
+        fig["train_img_per_s"] = _num(rf"^\[det\] train {tag}: ([\d.]+) img/s", out, "train img/s")
+        fig["train_peak_memory_mib"] = _num(rf"^\[det\] train {tag}: peak memory (\d+) MiB", out,
+                                            "train peak memory")
+        m = re.search(rf"^\[det\] train {tag}: peak memory \d+ MiB \((.*)\)$", out, re.M)
+        fig["train_peak_memory_how"] = m.group(1) if m else None
+        fig["train_peak_allocated_mib"] = _num(rf"^\[det\] train {tag}: peak allocated (\d+) MiB", out,
+                                               "train peak allocated")
+        fig["inference_s_per_batch"] = _num(rf"^\[det\] inference {tag}: latency median ([\d.]+) s", out,
+                                            "inference latency")
+        return fig
+
+    return cmd, parse, None
+
+
+def seg_stage(mode, device, ctx):
+    c = MODES[mode]["seg"]
+    cmd = [sys.executable, os.path.join("tools", "gpu_check.py"), "--seg-worker", "--device", device,
+           "--seg-size", str(c["size"]), "--seg-batch", str(c["batch"]), "--seg-dtype", c["dtype"],
+           "--seg-warmup", str(c["warmup"]), "--seg-reps", str(c["reps"])]
+    if c.get("arch"):
+        cmd += ["--seg-arch", c["arch"]]
+    if c.get("opts"):
+        cmd += ["--seg-opts", *c["opts"]]
+
+    def parse(out):
+        lines = [ln for ln in out.splitlines() if ln.startswith(RESULT_MARK)]
+        if not lines:
+            raise StageError("the segmentation worker printed no result line")
+        return json.loads(lines[-1][len(RESULT_MARK):])
+
+    return cmd, parse, None
+
+
+def seg_worker(args):
+    """One UPerNet training step timed (``time_reps``) and measured (``peak_memory``) as the
+    detection benchmark does; prints the figures as one JSON line."""
+    import torch
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.utils.events import EventStorage
+
+    import itpn_d2  # noqa: F401  (registries)
+    from itpn_d2.modeling import hivit_arch
+    from itpn_d2.utils.benchmark import autocast_ctx, format_summary, peak_memory, summarize, time_reps
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    device = torch.device(args.device)
+    cfg = LazyConfig.load(os.path.join(ROOT, SEG_CONFIG))
+    if args.seg_arch:
+        cfg.model.backbone.net.update(hivit_arch(args.seg_arch, "official"))
+    if args.seg_opts:
+        cfg = LazyConfig.apply_overrides(cfg, args.seg_opts)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(device).train()
+    cfg.optimizer.params.model = model
+    opt = instantiate(cfg.optimizer)  # the recipe's AdamW with layer-wise lr decay groups
+    num_classes = int(cfg.model.sem_seg_head.num_classes)
+    g = torch.Generator().manual_seed(0)
+    s = args.seg_size
+    inputs = [{"image": torch.randint(0, 256, (3, s, s), generator=g, dtype=torch.uint8).to(device),
+               "sem_seg": torch.randint(0, num_classes, (s, s), generator=g).to(device)}
+              for _ in range(args.seg_batch)]
+    dtype = dtypes[args.seg_dtype]
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with EventStorage(0), autocast_ctx(device, dtype):
+            losses = model(inputs)
+        loss = sum(losses.values())
+        loss.backward()
+        opt.step()
+        return loss
+
+    t = summarize(time_reps(train_step, warmup=args.seg_warmup, reps=args.seg_reps, device=device))
+    print(f"[seg] train {s}x{s} {args.seg_dtype}: step {format_summary(t)}", flush=True)
+    mem = peak_memory(train_step, device)
+    loss = float(train_step().detach().float())
+    fig = {"config": SEG_CONFIG, "arch": args.seg_arch or "base (config)", "dtype": args.seg_dtype,
+           "batch": args.seg_batch, "size": f"{s}x{s}", "parameters_m": round(
+               sum(p.numel() for p in model.parameters()) / 1e6, 2),
+           "train_s_per_iter": t["median"], "train_img_per_s": args.seg_batch / t["median"],
+           "train_peak_memory_mib": None if mem["bytes"] is None else round(mem["bytes"] / 2**20),
+           "train_peak_memory_how": mem["how"], "last_loss": loss}
+    if not torch.isfinite(torch.tensor(loss)):
+        raise SystemExit(f"[seg] the training loss is not finite: {loss}")
+    print(RESULT_MARK + json.dumps(fig), flush=True)
+
+
+def finetune_stage(mode, device, ctx):
+    """Generate the built-in data into the output folder, then fine-tune + evaluate."""
+    c = MODES[mode]["finetune"]
+    data_root = os.path.join(ctx["out"], "synthetic_data")
+    ft_dir = os.path.join(ctx["out"], "finetune")
+    n = c["iters"]
+    gen = [sys.executable, "datasets/generate_synthetic.py", "--root", data_root, "--num-train",
+           str(c["num_train"]), "--num-val", str(c["num_val"]), "--num-unlabeled", "0"]
+    cmd = [sys.executable, "tools/lazyconfig_train_net.py", "--num-gpus", "1", "--config-file", FINETUNE_CONFIG,
+           f"train.output_dir={ft_dir}", f"train.device={device}", f"train.max_iter={n}", f"train.eval_period={n}",
+           f"train.checkpointer.period={n}", f"train.log_period={min(20, n)}",
+           f"dataloader.train.num_workers={c['workers']}", f"dataloader.test.num_workers={c['workers']}",
+           # a short run scores many objects under the usual 0.05; keeping them makes COCO AP
+           # (which ranks by score) defined whatever the run's length
+           "model.roi_heads.box_predictor.test_score_thresh=0.0"]
+    if device == "cuda":
+        cmd += ["train.amp.enabled=True", "train.amp.dtype=bfloat16"]
+    env = dict(os.environ, ITPN_SYNTHETIC_ROOT=data_root)
+
+    def before(log_path, timeout):
+        rc, out = run_logged(gen, log_path.replace(".log", "_data.log"), timeout, env=env)
+        if rc != 0:
+            raise StageError(f"data generation {'timed out' if rc is None else f'exited {rc}'}:\n{_tail(out)}")
+
+    def parse(out):
+        rows = []
+        path = os.path.join(ft_dir, "metrics.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                rows = [json.loads(ln) for ln in f if ln.strip()]
+        merged = {}
+        for r in rows:
+            merged.update(r)
+        if "bbox/AP" not in merged:
+            raise StageError(f"no bbox/AP in {path}")
+        times = sorted(r["time"] for r in rows if "time" in r)
+        fig = {"config": FINETUNE_CONFIG, "device": device, "amp": "bfloat16" if device == "cuda" else "off",
+               "iterations": n, "train_images": c["num_train"], "val_images": c["num_val"],
+               "box_AP": merged["bbox/AP"], "box_AP50": merged.get("bbox/AP50"),
+               "mask_AP": merged.get("segm/AP"), "mask_AP50": merged.get("segm/AP50"),
+               "s_per_iter_median": times[len(times) // 2] if times else None,
+               "final_total_loss": merged.get("total_loss"), "metrics": path}
+        if fig["box_AP"] is None or fig["box_AP"] != fig["box_AP"]:
+            raise StageError(f"bbox/AP is not a number in {path}: {fig['box_AP']!r}")
+        return fig
+
+    return cmd, parse, (before, env)
+
+
+# ------------------------------------------------------------------------------- driver
+def run_stage(name, build, mode, device, ctx, deadline):
+    rec = {"status": None, "seconds": None}
+    left = deadline - time.perf_counter()
+    budget = MODES[mode][name.replace("_act_ckpt", "")]["budget"]
+    if left < 15:
+        rec.update(status="skipped", error=f"out of time: {left:.0f}s of the total budget left")
+        return rec
+    timeout = min(budget, left)
+    t0 = time.perf_counter()
+    log_path = os.path.join(ctx["out"], f"{name}.log")
+    rec["log"] = log_path
+    rec["budget_s"] = round(timeout)
+    try:
+        cmd, parse, extra = build(mode, device, ctx)
+        rec["command"] = " ".join(shlex.quote(c) for c in cmd)
+        env = None
+        if extra is not None:
+            before, env = extra
+            before(log_path, timeout)
+        rc, out = run_logged(cmd, log_path, timeout - (time.perf_counter() - t0), env=env)
+        if rc is None:
+            rec.update(status="timeout", error=f"over its {timeout:.0f}s budget; output tail:\n{_tail(out)}")
+        elif rc != 0:
+            rec.update(status="failed", error=f"exit {rc}; output tail:\n{_tail(out)}")
+        else:
+            rec["figures"] = parse(out)
+            rec["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - recorded, the next stage still runs
+        rec.update(status="failed", error=f"{type(e).__name__}: {e}")
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    return rec
+
+
+def summary_lines(report):
+    yield f"machine: {report['machine']['gpu'] or report['machine']['cpu']}; mode {report['mode']}; " \
+          f"torch {report['versions']['torch']}; commit {report['versions']['git_commit']}"
+    for name, rec in report["stages"].items():
+        f = rec.get("figures") or {}
+        if rec["status"] != "ok":
+            first = (rec.get("error") or "").splitlines()[:1]
+            yield f"  {name:13s} {rec['status'].upper()} ({rec['seconds']}s): {first[0] if first else ''}"
+            continue
+        if name == "pretrain":
+            ratio = f["ratio_ours_over_reference"]
+            mfu = f["ours_mfu"]
+            yield (f"  {name:13s} ours {f['ours_img_per_s']:.1f} img/s ({f['ours_s_per_iter']:.4f} s/iter), "
+                   f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, ratio ours/reference "
+                   f"{'n/a' if ratio is None else f'{ratio:.2f}x'}; {f['reference'] if ratio is None else ''}")
+        elif name.startswith("det"):
+            yield (f"  {name:13s} {f['train_s_per_iter']:.4f} s/iter, peak {f['train_peak_memory_mib']:.0f} MiB "
+                   f"({f['train_peak_memory_how'].split(';')[0]})")
+        elif name == "seg":
+            yield (f"  {name:13s} {f['train_s_per_iter']:.4f} s/iter, peak {f['train_peak_memory_mib']} MiB "
+                   f"({f['train_peak_memory_how'].split(';')[0]})")
+        elif name == "finetune":
+            yield (f"  {name:13s} box AP {f['box_AP']:.1f} (mask AP {f['mask_AP']}) after {f['iterations']} "
+                   f"iterations on {f['device']}")
+        yield f"  {'':13s} ({rec['seconds']}s)"
+    yield f"total {report['total_seconds']}s"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="the tiny CPU mode (automatic without CUDA)")
+    p.add_argument("--out", default="output/gpu_check", help="folder for the JSON, logs and the fine-tuning run")
+    p.add_argument("--json", default=None, help="JSON path (default OUT/gpu_check.json)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    p.add_argument("--budget", type=float, default=None, help="total seconds (default 470 GPU, 900 CPU)")
+    # internal: the segmentation stage's subprocess
+    p.add_argument("--seg-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seg-size", type=int, default=512, help=argparse.SUPPRESS)
+    p.add_argument("--seg-batch", type=int, default=4, help=argparse.SUPPRESS)
+    p.add_argument("--seg-dtype", default="bf16", help=argparse.SUPPRESS)
+    p.add_argument("--seg-arch", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seg-warmup", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--seg-reps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--seg-opts", nargs="*", default=[], help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.seg_worker:
+        return seg_worker(args)
+    import torch
+
+    t_start = time.perf_counter()
+    mode = "cpu" if args.cpu or not torch.cuda.is_available() else "gpu"
+    device = "cuda" if mode == "gpu" else "cpu"
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    json_path = os.path.abspath(args.json or os.path.join(out, "gpu_check.json"))
+    deadline = t_start + (args.budget or MODES[mode]["budget"])
+    ctx = {"out": out}
+    builders = {
+        "pretrain": pretrain_stage,
+        "det": lambda m, d, c: det_stage(m, d, c, act_ckpt=False),
+        "det_act_ckpt": lambda m, d, c: det_stage(m, d, c, act_ckpt=True),
+        "seg": seg_stage,
+        "finetune": finetune_stage,
+    }
+    report = {"mode": mode, "device": device, "machine": machine_info(), "versions": versions(),
+              "sizes": {k: v for k, v in MODES[mode].items() if k != "budget"}, "stages": {}}
+    print(f"[gpu_check] mode {mode}; output {out}", flush=True)
+    for name in stages:
+        print(f"[gpu_check] {name} ...", flush=True)
+        rec = run_stage(name, builders[name], mode, device, ctx, deadline)
+        report["stages"][name] = rec
+        print(f"[gpu_check] {name}: {rec['status']} ({rec['seconds']}s)"
+              + (f": {rec['error'].splitlines()[0]}" if rec.get("error") else ""), flush=True)
+        report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+        with open(json_path, "w") as f:  # after every stage: a killed run keeps what it measured
+            json.dump(report, f, indent=2)
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    print("\n".join(summary_lines(report)))
+    print(f"[gpu_check] wrote {json_path}")
+    failed = [n for n, r in report["stages"].items() if r["status"] != "ok"]
+    if failed:
+        print(f"[gpu_check] stages not ok: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
