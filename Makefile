@@ -1,4 +1,4 @@
-# The two commands of the README:
+# The two commands of the README (plus gpu-check, the GPU acceptance check):
 #   make demo   set up .venv and run the main job on built-in generated data
 #   make test   set up .venv and run the tests
 #   make gpu-check   the GPU acceptance run (tools/gpu_check.py)
