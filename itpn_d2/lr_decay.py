@@ -32,7 +32,7 @@ embedding is not decayed at all (the constructor gives layer 0 to the name
 ``"release_seg"`` (default of the ADE20K configs): the release's segmentation constructor
 (``seg/mmcv_custom/itpn_layer_decay_optimizer_constructor.py``): the same layer ids except that
 ``absolute_pos_embed`` is layer 0, and the per-layer rate is spread over the depth,
-``d = rate ** (13 / N)``; factor ``d ** (N - id - 1)``. Base at 0.90: ``d = 0.9574``,
+``d = rate ** (13 / N)``; factor ``d ** (N - id - 1)``. Base at 0.90: ``d = 0.9581``,
 patch embedding and position embedding ``d ** 31 = 0.26``, last block ``d ** -1 = 1.04``.
 
 ``"itpn_d2"`` (this project's earlier convention, for comparison and ablations): layer id 0 for

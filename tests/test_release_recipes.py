@@ -307,3 +307,29 @@ def test_training_script_passes_the_declaration_and_eval_only_does_not(tmp_path)
 
     with pytest.raises(BackboneLoadError):  # --eval-only wants a trained model: every tensor
         train_net.make_checkpointer(cfg, model, backbone_load="strict", new_by_design=[]).load(path)
+
+
+def test_tiny_segmentation_demo_loads_the_tiny_pretraining_checkpoint_strictly(tmp_path):
+    """configs/ADE20K/uper_itpn_tiny_demo.py fits configs/pretrain/mim_mfm_itpn_tiny_cpu.py:
+    every encoder and pyramid tensor from the file, none re-initialised, none new."""
+    from itpn_d2.checkpoint import ITPNCheckpointer
+
+    pre_cfg = _load("pretrain/mim_mfm_itpn_tiny_cpu.py")
+    torch.manual_seed(0)
+    pre = instantiate(pre_cfg.model)
+    path = str(tmp_path / "tiny_pretrain.pth")
+    torch.save({"model": pre.state_dict()}, path)
+    cfg = _load("ADE20K/uper_itpn_tiny_demo.py")
+    assert cfg.dataloader.train.dataset.names == "itpn_synthetic_sem_seg_train"
+    assert cfg.dataloader.evaluator._target_.__name__ == "SemSegEvaluator"
+    assert cfg.optimizer.params.lr_factor_func.rule == "release_seg"
+    model = instantiate(cfg.model)
+    ck = ITPNCheckpointer(model, backbone_load="strict", new_by_design=cfg.train.new_by_design_keys)
+    ck.load(path, checkpointables=[])
+    r = ck.last_load_report
+    assert r["reinitialised"] == [] and r["new_by_design"] == [] and r["encoder"] > 0 and r["pyramid"] > 0
+    # the warm-up is a tenth of the run, also when the run is shortened on the command line
+    short = _load("ADE20K/uper_itpn_tiny_demo.py", "train.max_iter=40")
+    sched = instantiate(short.lr_multiplier)
+    assert sched(4 / 40) == pytest.approx(1 - 4 / 40)  # warm-up over after 4 iterations, then poly
+    assert sched(3 / 40) < 0.8 * (1 - 3 / 40)
