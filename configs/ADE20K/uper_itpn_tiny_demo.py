@@ -17,6 +17,9 @@ What differs from the full recipe, for time: no relative position bias (it would
 tables on top of the tiny pixel checkpoint; the ADE20K configs have it), whole-image instead of
 sliding-window inference (the images are 256 px), and a higher lr for a run of a few hundred
 iterations (3e-5 at 16 images is for 160k).
+
+Status: 300 iterations reach mIoU 12.6 on ``itpn_synthetic_sem_seg_val`` by predicting background
+everywhere (README, main job): the stage runs end to end, but does not learn the task in this budget yet.
 """
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
