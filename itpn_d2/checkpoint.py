@@ -430,7 +430,8 @@ class ITPNCheckpointer(DetectionCheckpointer):
         missing, mismatched, unexpected = compare_state_dicts(model_sd, sd, checked)
         new_by_design = [k for k in missing if any(fnmatch.fnmatchcase(k, p) for p in self.new_by_design)]
         if new_by_design:
-            missing = [k for k in missing if k not in set(new_by_design)]
+            excused = set(new_by_design)
+            missing = [k for k in missing if k not in excused]
         if mode != "partial" and (missing or mismatched or unexpected):
             n_model = sum(1 for k in model_sd if k.startswith(checked))
             raise BackboneLoadError(
