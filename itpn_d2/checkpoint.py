@@ -16,6 +16,11 @@
   ablation).
 * ``backbone_load="partial"``: load whatever matches by exact name and shape and
   log the rest; for deliberate experiments only.
+* ``new_by_design`` (``train.new_by_design_keys``): ``fnmatch`` patterns of backbone tensors a
+  config adds on purpose on top of the pre-trained model (the ADE20K configs' zero-initialised
+  relative position bias tables). A key matching them may be absent from the checkpoint: it is
+  listed in the log as "new by design, zero-initialised" and keeps the model's init. Any other
+  missing key is refused as before; a shape mismatch is refused even for these keys.
 
 Keys outside ``backbone.*`` that the model does not have (pre-training decoder,
 mask token, teacher, prediction heads) are logged as dropped, never an error;
@@ -64,6 +69,7 @@ import builtins
 import codecs
 import collections
 import errno
+import fnmatch
 import glob
 import logging
 import os
@@ -646,13 +652,17 @@ class ITPNCheckpointer(DetectionCheckpointer):
         *,
         backbone_load: str = "strict",
         allow_unsafe: Optional[bool] = None,
+        new_by_design: Sequence[str] = (),
         save_to_disk=None,
         **checkpointables,
     ):
         if backbone_load not in BACKBONE_LOAD_MODES:
             raise ValueError(f"backbone_load={backbone_load!r}; choose one of {BACKBONE_LOAD_MODES}")
+        if isinstance(new_by_design, str):
+            new_by_design = [new_by_design]
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.backbone_load = backbone_load
+        self.new_by_design = list(new_by_design or ())
         self.allow_unsafe = allow_unsafe
         self.last_load_report: Optional[dict] = None
         self._loading_file: Optional[str] = None
@@ -677,10 +687,11 @@ class ITPNCheckpointer(DetectionCheckpointer):
                     "from into last_checkpoint, or delete last_checkpoint to start from train.init_checkpoint."
                 )
             mode, self.backbone_load = self.backbone_load, "strict"
+            new, self.new_by_design = self.new_by_design, []  # this run's own file has them
             try:
                 return self.load(last)
             finally:
-                self.backbone_load = mode
+                self.backbone_load, self.new_by_design = mode, new
         return self.load(path, checkpointables=[])
 
     def save(self, name: str, **kwargs) -> None:
@@ -794,6 +805,10 @@ class ITPNCheckpointer(DetectionCheckpointer):
         mode = self.backbone_load
         checked = (ENCODER_PREFIX, PYRAMID_PREFIX) if mode == "strict" else (ENCODER_PREFIX,)
         missing, mismatched, unexpected = compare_state_dicts(model_sd, sd, checked)
+        new_by_design = [k for k in missing if any(fnmatch.fnmatchcase(k, p) for p in self.new_by_design)]
+        if new_by_design:
+            excused = set(new_by_design)
+            missing = [k for k in missing if k not in excused]
         if mode != "partial" and (missing or mismatched or unexpected):
             n_model = sum(1 for k in model_sd if k.startswith(checked))
             raise BackboneLoadError(
@@ -833,11 +848,14 @@ class ITPNCheckpointer(DetectionCheckpointer):
         n_pyr = sum(k.startswith(PYRAMID_PREFIX) for k in loaded)
         backbone_keys = [k for k in model_sd if k.startswith((ENCODER_PREFIX, PYRAMID_PREFIX))]
         loaded_set = set(loaded)
-        reinit = [k for k in backbone_keys if k not in loaded_set]
+        new_set = set(new_by_design)
+        reinit = [k for k in backbone_keys if k not in loaded_set and k not in new_set]
         dropped = [k for k in incompatible.unexpected_keys if not k.startswith("backbone.")]
         # Reported here, grouped; keep fvcore's generic "unexpected keys" message for the rest.
         for k in dropped:
             incompatible.unexpected_keys.remove(k)
+        for k in new_set & set(incompatible.missing_keys):  # reported below, not as a warning
+            incompatible.missing_keys.remove(k)
         self.last_load_report = {
             "file": fname,
             "mode": mode,
@@ -845,12 +863,19 @@ class ITPNCheckpointer(DetectionCheckpointer):
             "pyramid": n_pyr,
             "other": len(loaded) - n_enc - n_pyr,
             "reinitialised": reinit,
+            "new_by_design": new_by_design,
             "dropped": dropped,
         }
         self.logger.info(
             f"Loaded {fname}: {n_enc} encoder tensors, {n_pyr} pyramid tensors, "
             f"{len(loaded) - n_enc - n_pyr} other tensors; {len(reinit)} backbone tensors re-initialised."
         )
+        if new_by_design:
+            self.logger.info(
+                f"{len(new_by_design)} backbone tensors not in {fname} are new by design, zero-initialised "
+                f"(train.new_by_design_keys {self.new_by_design}): "
+                + ", ".join(f"{p} ({n})" for p, n in _group_by_prefix(new_by_design, depth=4).items())
+            )
         if dropped:
             self.logger.info(
                 f"Dropped {len(dropped)} checkpoint tensors this model does not use (pre-training only): "
@@ -860,7 +885,11 @@ class ITPNCheckpointer(DetectionCheckpointer):
 
 
 def load_pretrained(
-    model: torch.nn.Module, path: str, mode: str = "strict", allow_unsafe: Optional[bool] = None
+    model: torch.nn.Module,
+    path: str,
+    mode: str = "strict",
+    allow_unsafe: Optional[bool] = None,
+    new_by_design: Sequence[str] = (),
 ) -> dict:
     """Load ``path`` into ``model`` with :class:`ITPNCheckpointer` (no optimizer / scheduler state).
 
@@ -871,6 +900,6 @@ def load_pretrained(
         the load report (see ``ITPNCheckpointer.last_load_report``); for a model
         without an ITPNBackbone, ``{"file": path, "mode": mode}``.
     """
-    ckpt = ITPNCheckpointer(model, backbone_load=mode, allow_unsafe=allow_unsafe)
+    ckpt = ITPNCheckpointer(model, backbone_load=mode, allow_unsafe=allow_unsafe, new_by_design=new_by_design)
     ckpt.load(path, checkpointables=[])
     return ckpt.last_load_report or {"file": path, "mode": mode}

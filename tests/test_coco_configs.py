@@ -13,7 +13,14 @@ from itpn_d2.modeling import hivit_arch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "COCO", "*.py")))
-FULL_SIZE = ["mask_rcnn_itpn_base_1x", "mask_rcnn_itpn_base_3x", "mask_rcnn_itpn_large_1x", "faster_rcnn_itpn_base_1x"]
+FULL_SIZE = [
+    "mask_rcnn_itpn_base_1x",
+    "mask_rcnn_itpn_base_3x",
+    "mask_rcnn_itpn_large_1x",
+    "faster_rcnn_itpn_base_1x",
+    "cascade_mask_rcnn_itpn_base_3x",
+    "cascade_mask_rcnn_itpn_clip_base_3x",
+]
 
 
 def _load(name):
@@ -26,30 +33,41 @@ def test_full_size_configs_exist():
 
 
 @pytest.mark.parametrize(
-    "name,lr,ld,dp,embed,max_iter",
+    "name,lr,ld,dp,embed,epochs,steps",
     [
-        ("mask_rcnn_itpn_base_1x", 2e-4, 0.90, 0.05, 512, 90000),
-        ("mask_rcnn_itpn_base_3x", 1.5e-4, 0.90, 0.30, 512, 270000),
-        ("mask_rcnn_itpn_large_1x", 2e-4, 0.95, 0.20, 768, 90000),
-        ("faster_rcnn_itpn_base_1x", 2e-4, 0.90, 0.05, 512, 90000),
+        # the release's det/configs/itpn/*.py, at its batch of 64 (32 GPUs x 2 images)
+        ("mask_rcnn_itpn_base_1x", 2e-4, 0.90, 0.05, 512, 12, (9, 11)),
+        ("mask_rcnn_itpn_base_3x", 1.5e-4, 0.90, 0.30, 512, 36, (27, 33)),
+        ("mask_rcnn_itpn_large_1x", 2e-4, 0.95, 0.20, 768, 12, (9, 11)),
+        ("faster_rcnn_itpn_base_1x", 2e-4, 0.90, 0.05, 512, 12, (9, 11)),
+        ("cascade_mask_rcnn_itpn_base_3x", 1e-4, 0.90, 0.20, 512, 36, (27, 33)),
+        ("cascade_mask_rcnn_itpn_clip_base_3x", 1e-4, 0.90, 0.20, 512, 36, (27, 33)),
     ],
 )
-def test_recipe_values(name, lr, ld, dp, embed, max_iter):
+def test_recipe_values(name, lr, ld, dp, embed, epochs, steps):
     cfg = _load(name)
-    assert cfg.optimizer.lr == lr
+    per_epoch = 117266 // 64
+    assert cfg.dataloader.train.total_batch_size == 64
+    assert cfg.optimizer.lr == pytest.approx(lr)
     assert cfg.optimizer.params.lr_factor_func.lr_decay_rate == ld
+    assert cfg.optimizer.params.lr_factor_func.rule == "release_det"
+    assert cfg.optimizer.params.no_weight_decay == "release_det"
     assert cfg.optimizer.weight_decay == 0.05 and tuple(cfg.optimizer.betas) == (0.9, 0.999)
     assert cfg.model.backbone.net.drop_path_rate == dp
     assert cfg.model.backbone.net.embed_dim == embed
-    assert cfg.train.max_iter == max_iter
+    assert cfg.train.max_iter == epochs * per_epoch
     assert cfg.train.backbone_load == "strict" and cfg.train.init_checkpoint
-    assert cfg.dataloader.train.total_batch_size == 16
-    assert cfg.model.roi_heads.box_predictor.box_reg_loss_type == "giou"
-    assert cfg.model.roi_heads.box_predictor.loss_weight == {"loss_box_reg": 10.0}
+    assert cfg.train.amp.enabled
+    predictors = cfg.model.roi_heads.box_predictors if "cascade" in name else [cfg.model.roi_heads.box_predictor]
+    for p in predictors:  # GIoU on decoded boxes, x10: the release's GIoULoss(loss_weight=10.0)
+        assert p.box_reg_loss_type == "giou" and p.loss_weight == {"loss_box_reg": 10.0}
     sched = instantiate(cfg.lr_multiplier)
+    max_iter = cfg.train.max_iter
     assert sched(0.0) == pytest.approx(0.001)  # warm-up starts at 0.001x
-    assert sched(600 / max_iter) == 1.0  # 500-iteration warm-up is over
-    assert sched(0.80) == pytest.approx(0.1) and sched(0.95) == pytest.approx(0.01)
+    assert sched(499 / max_iter) < 1.0 and sched(500 / max_iter) == 1.0  # 500-iteration warm-up
+    s1, s2 = (s * per_epoch for s in steps)
+    assert sched((s1 - 1) / max_iter) == 1.0 and sched(s1 / max_iter) == pytest.approx(0.1)
+    assert sched((s2 - 1) / max_iter) == pytest.approx(0.1) and sched(s2 / max_iter) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
@@ -71,15 +89,20 @@ def test_config_builds_tiny_model_and_optimizer(path):
     named = dict(model.named_parameters())
     base = cfg.optimizer.lr
     ld = cfg.optimizer.params.lr_factor_func.lr_decay_rate
-    assert max(lr for lr, _ in lrs.values()) == pytest.approx(base)
-    assert lrs[named["backbone.net.patch_embed.proj.weight"]][0] == pytest.approx(base * ld**11)
-    assert lrs[named["backbone.net.blocks.9.attn.qkv.weight"]][0] == pytest.approx(base * ld)
+    # tiny: 1 + 1 + 2 + 6 = 10 blocks; the demo keeps the earlier rule, the recipes the release's
+    if cfg.optimizer.params.lr_factor_func.rule == "itpn_d2":
+        last, embed, pos = ld, ld**11, ld**11
+    else:
+        last, embed, pos = ld**-1, ld**9, 1.0  # the release's quirks: rate^-1, rate^(N-1), 1.0
+    assert lrs[named["backbone.net.patch_embed.proj.weight"]][0] == pytest.approx(base * embed)
+    assert lrs[named["backbone.net.blocks.9.attn.qkv.weight"]][0] == pytest.approx(base * last)
+    if named["backbone.net.absolute_pos_embed"].requires_grad:
+        assert lrs[named["backbone.net.absolute_pos_embed"]][0] == pytest.approx(base * pos)
+        assert lrs[named["backbone.net.absolute_pos_embed"]][1] == 0.0
     assert lrs[named["backbone.pyramid.fpn_modules.0.mlp.fc1.weight"]][0] == pytest.approx(base)
     assert lrs[named["backbone.net.blocks.9.attn.qkv.weight"]][1] == 0.05
     assert lrs[named["backbone.net.blocks.9.norm1.weight"]][1] == 0.0
     assert lrs[named["backbone.net.blocks.9.attn.qkv.bias"]][1] == 0.0
-    if named["backbone.net.absolute_pos_embed"].requires_grad:
-        assert lrs[named["backbone.net.absolute_pos_embed"]][1] == 0.0
     assert len(lrs) == sum(p.requires_grad for p in model.parameters())
 
     if "faster" not in path and "base_1x" not in path:

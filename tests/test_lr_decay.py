@@ -63,7 +63,7 @@ def test_max_factor_is_one_on_real_mask_rcnn():
     cfg.model.backbone.net.use_act_checkpoint = False
     model = instantiate(cfg.model)
     net = model.backbone.net
-    func = hivit_lr_factor_func(lr_decay_rate=0.9, mlp_depths=net.mlp_depths, depth=net.depth)
+    func = hivit_lr_factor_func(lr_decay_rate=0.9, mlp_depths=net.mlp_depths, depth=net.depth, rule="itpn_d2")
     names = [n for n, _ in model.named_parameters()]
     factors = {n: func(n) for n in names}
     assert max(factors.values()) == 1.0

@@ -19,17 +19,23 @@ def test_main_job_quick(tmp_path, repo_root):
     # each stage is printed as a plain command a user can re-run
     assert "tools/lazyconfig_train_net.py --config-file configs/pretrain/mim_mfm_itpn_tiny_cpu.py" in r.stdout
     assert "--config-file configs/COCO/mask_rcnn_itpn_tiny_demo.py" in r.stdout
+    assert "--config-file configs/ADE20K/uper_itpn_tiny_demo.py" in r.stdout
 
     summary = json.loads((out / "summary.json").read_text())
     assert os.path.isfile(summary["pretrain_checkpoint"]) and os.path.isfile(summary["finetune_checkpoint"])
     # COCOEvaluator ran and returned numbers (a few iterations: any value, but a number)
     assert isinstance(summary["box_AP"], float) and isinstance(summary["mask_AP"], float)
+    assert isinstance(summary["mIoU"], float) and 0.0 <= summary["mIoU"] <= 100.0  # SemSegEvaluator ran
+    assert set(summary["stage_seconds"]) >= {"pretrain", "detection", "segmentation"}
 
     # the fine-tuning log says the whole pre-trained backbone (encoder AND pyramid) was loaded
     ft_log = (out / "finetune.log").read_text()
     assert "pyramid tensors" in ft_log and " 0 backbone tensors re-initialised" in ft_log, ft_log[-2000:]
+    seg_log = (out / "segmentation.log").read_text()  # same for UPerNet (no table new by design here)
+    assert "pyramid tensors" in seg_log and " 0 backbone tensors re-initialised" in seg_log, seg_log[-2000:]
+    assert os.path.isfile(summary["segmentation_checkpoint"])
 
-    for folder in (summary["reconstructions"], summary["predictions"]):
+    for folder in (summary["reconstructions"], summary["predictions"], summary["segmentations"]):
         pngs = glob.glob(os.path.join(folder, "*"))
         assert pngs, folder
         for p in pngs:

@@ -98,11 +98,14 @@ def do_test(cfg, model):
     return None
 
 
-def make_checkpointer(cfg, model, backbone_load=None, **kwargs):
+def make_checkpointer(cfg, model, backbone_load=None, new_by_design=None, **kwargs):
     """Loads ``train.init_checkpoint`` refusing missing / mis-shaped backbone tensors
-    (``train.backbone_load``: strict | encoder_only | partial); saves like detectron2's."""
+    (``train.backbone_load``: strict | encoder_only | partial) except the keys the config
+    declares new by design (``train.new_by_design_keys``); saves like detectron2's."""
     mode = backbone_load or cfg.train.get("backbone_load", "strict")
-    return ITPNCheckpointer(model, cfg.train.output_dir, backbone_load=mode, **kwargs)
+    if new_by_design is None:
+        new_by_design = list(cfg.train.get("new_by_design_keys", None) or [])
+    return ITPNCheckpointer(model, cfg.train.output_dir, backbone_load=mode, new_by_design=new_by_design, **kwargs)
 
 
 def do_train(args, cfg):
@@ -219,7 +222,7 @@ def main(args):
         model = create_ddp_model(model)
         # A model to evaluate is a trained one: all of its backbone must be in the file, whatever
         # train.backbone_load the config uses for pre-trained weights.
-        make_checkpointer(cfg, model, backbone_load="strict").load(cfg.train.init_checkpoint)
+        make_checkpointer(cfg, model, backbone_load="strict", new_by_design=[]).load(cfg.train.init_checkpoint)
         print(do_test(cfg, model))
     else:
         try:

@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""The main job (``make demo``): pre-train, fine-tune with the pre-trained pyramid,
-evaluate and visualise, on the built-in generated data, on CPU.
+"""The main job (``make demo``): pre-train, fine-tune with the pre-trained pyramid for detection
+and for semantic segmentation, evaluate and visualise, on the built-in generated data, on CPU.
 
 Stages, each a plain command printed before it runs (re-run or change any one):
   1. generate (or reuse) the built-in dataset     datasets/generate_synthetic.py
   2. pre-train tiny iTPN, MIM + MFM (EMA teacher)  tools/lazyconfig_train_net.py + configs/pretrain/mim_mfm_itpn_tiny_cpu.py
   3. fine-tune Mask R-CNN from that checkpoint     tools/lazyconfig_train_net.py + configs/COCO/mask_rcnn_itpn_tiny_demo.py
      (strict load: every encoder and pyramid tensor comes from stage 2), COCOEvaluator at the end
-  4. reconstructions of the pre-trained model      tools/visualize_reconstruction.py
-  5. predictions on validation images              tools/demo.py
-and a summary: box AP, mask AP and where everything is.
+  4. fine-tune UPerNet from the same checkpoint    tools/lazyconfig_train_net.py + configs/ADE20K/uper_itpn_tiny_demo.py
+     (strict load as stage 3), SemSegEvaluator (mIoU) at the end
+  5. reconstructions of the pre-trained model      tools/visualize_reconstruction.py
+  6. detections on validation images              tools/demo.py
+  7. segmentations of the same images             tools/demo.py
+and a summary: box AP, mask AP, mIoU, the time of each stage and where everything is.
 
     python tools/run_main_job.py                    # the full job (about 15 minutes on 2 cores)
     python tools/run_main_job.py --quick            # a few iterations per stage (what the test runs)
@@ -26,6 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_CFG = "configs/pretrain/mim_mfm_itpn_tiny_cpu.py"
 FINETUNE_CFG = "configs/COCO/mask_rcnn_itpn_tiny_demo.py"
+SEG_CFG = "configs/ADE20K/uper_itpn_tiny_demo.py"
 
 
 def run_stage(title: str, cmd, log_path: str) -> float:
@@ -52,7 +56,7 @@ def run_stage(title: str, cmd, log_path: str) -> float:
 
 def _worth_showing(line: str) -> bool:
     """Progress lines (losses, ETA), checkpoint loading, evaluation tables, warnings and errors."""
-    keys = ("eta:", "Loaded ", "re-initialised", "Evaluation results", "|", "AP", "Wrote", "wrote", "WARNING",
+    keys = ("eta:", "Loaded ", "re-initialised", "Evaluation results", "|", "AP", "mIoU", "Wrote", "wrote", "WARNING",
             "Error", "Traceback", "Reused", "generated", "skipped", "Saving", "->")
     return any(k in line for k in keys) and "Build settings" not in line
 
@@ -81,6 +85,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="a few iterations per stage and a small dataset (tests)")
     p.add_argument("--pretrain-iters", type=int, default=None)
     p.add_argument("--finetune-iters", type=int, default=None)
+    p.add_argument("--seg-iters", type=int, default=None, help="UPerNet fine-tuning iterations (config: 300)")
     p.add_argument("--num-demo-images", type=int, default=4)
     p.add_argument("--finetune-procs", type=int, default=None,
                    help="CPU processes for fine-tuning (detectron2's --num-gpus, gloo); default 2 on a "
@@ -95,6 +100,8 @@ def main(argv=None) -> None:
 
     pre_iters = args.pretrain_iters or (4 if args.quick else None)
     ft_iters = args.finetune_iters or (4 if args.quick else None)
+    seg_iters = args.seg_iters or (4 if args.quick else None)
+    took = {}
     data_root = os.path.abspath(args.data_root) if args.data_root else None
     gen = [py, "datasets/generate_synthetic.py"]
     if data_root:
@@ -104,13 +111,13 @@ def main(argv=None) -> None:
         gen += ["--num-train", "8", "--num-val", "4", "--num-unlabeled", "16"]
         if not data_root:
             sys.exit("--quick needs --data-root (the quick dataset must not replace the default one)")
-    run_stage("1/5 built-in data", gen, os.path.join(out, "generate.log"))
+    took["data"] = run_stage("1/7 built-in data", gen, os.path.join(out, "generate.log"))
 
     pre_dir = os.path.join(out, "pretrain")
     cmd = [py, "tools/lazyconfig_train_net.py", "--config-file", PRETRAIN_CFG, f"train.output_dir={pre_dir}"]
     if pre_iters:
         cmd += [f"train.max_iter={pre_iters}", f"train.checkpointer.period={pre_iters}", "train.log_period=1"]
-    run_stage("2/5 pre-training (MIM + MFM, EMA teacher)", cmd, os.path.join(out, "pretrain.log"))
+    took["pretrain"] = run_stage("2/7 pre-training (MIM + MFM, EMA teacher)", cmd, os.path.join(out, "pretrain.log"))
     pre_ckpt = os.path.join(pre_dir, "model_final.pth")
 
     ft_dir = os.path.join(out, "finetune")
@@ -124,33 +131,58 @@ def main(argv=None) -> None:
         # a 4-iteration detector scores everything below the usual 0.05; keep its boxes so that
         # COCOEvaluator's bbox and segm paths both run (with no detections segm is skipped)
         cmd += ["model.roi_heads.box_predictor.test_score_thresh=0.0"]
-    run_stage("3/5 fine-tuning Mask R-CNN from the pre-trained backbone + pyramid, then COCO evaluation", cmd,
-              os.path.join(out, "finetune.log"))
+    took["detection"] = run_stage(
+        "3/7 fine-tuning Mask R-CNN from the pre-trained backbone + pyramid, then COCO evaluation", cmd,
+        os.path.join(out, "finetune.log"))
     ft_ckpt = os.path.join(ft_dir, "model_final.pth")
+
+    # One process: on 2 cores the detection stage already uses both, and a UPerNet step at 128 px
+    # is small enough that a second process would mostly add start-up and gloo overhead.
+    seg_dir = os.path.join(out, "segmentation")
+    cmd = [py, "tools/lazyconfig_train_net.py", "--config-file", SEG_CFG,
+           f"train.init_checkpoint={pre_ckpt}", "train.backbone_load=strict", f"train.output_dir={seg_dir}"]
+    if seg_iters:
+        cmd += [f"train.max_iter={seg_iters}", f"train.eval_period={seg_iters}",
+                f"train.checkpointer.period={seg_iters}", "train.log_period=1"]
+    took["segmentation"] = run_stage(
+        "4/7 fine-tuning UPerNet from the pre-trained backbone + pyramid, then SemSegEvaluator (mIoU)", cmd,
+        os.path.join(out, "segmentation.log"))
+    seg_ckpt = os.path.join(seg_dir, "model_final.pth")
 
     from itpn_d2.data import default_synthetic_root  # noqa: E402  (after the data stage chose the root)
 
     root = data_root or default_synthetic_root()
     val_images = sorted(glob.glob(os.path.join(root, "val", "images", "*")))[: args.num_demo_images]
     recon_dir = os.path.join(out, "reconstructions")
-    run_stage("4/5 reconstructions of the pre-trained model",
+    took["reconstructions"] = run_stage("5/7 reconstructions of the pre-trained model",
               [py, "tools/visualize_reconstruction.py", "--config-file", PRETRAIN_CFG, "--checkpoint", pre_ckpt,
                "--input", os.path.join(root, "val", "images"), "--max-images", str(args.num_demo_images),
                "--output", recon_dir, "train.device=cpu"],
               os.path.join(out, "reconstruct.log"))
     pred_dir = os.path.join(out, "predictions")
-    run_stage("5/5 predictions on validation images",
-              [py, "tools/demo.py", "--config-file", FINETUNE_CFG, "--input", *val_images, "--output", pred_dir,
-               "--opts", f"train.init_checkpoint={ft_ckpt}"],
-              os.path.join(out, "demo.log"))
+    took["detections"] = run_stage(
+        "6/7 detections on validation images",
+        [py, "tools/demo.py", "--config-file", FINETUNE_CFG, "--input", *val_images, "--output", pred_dir,
+         "--opts", f"train.init_checkpoint={ft_ckpt}"],
+        os.path.join(out, "demo.log"))
+    seg_pred_dir = os.path.join(out, "segmentations")
+    took["segmentations"] = run_stage(
+        "7/7 segmentations of the same images",
+        [py, "tools/demo.py", "--config-file", SEG_CFG, "--input", *val_images, "--output", seg_pred_dir,
+         "--opts", f"train.init_checkpoint={seg_ckpt}"],
+        os.path.join(out, "demo_seg.log"))
 
     m = last_metrics(ft_dir)
     box_ap, mask_ap = m.get("bbox/AP"), m.get("segm/AP")
+    miou = last_metrics(seg_dir).get("sem_seg/mIoU")
     summary = {
         "box_AP": box_ap, "mask_AP": mask_ap, "box_AP50": m.get("bbox/AP50"), "mask_AP50": m.get("segm/AP50"),
-        "pretrain_checkpoint": pre_ckpt, "finetune_checkpoint": ft_ckpt,
-        "metrics": [os.path.join(pre_dir, "metrics.json"), os.path.join(ft_dir, "metrics.json")],
-        "reconstructions": recon_dir, "predictions": pred_dir,
+        "mIoU": miou,
+        "pretrain_checkpoint": pre_ckpt, "finetune_checkpoint": ft_ckpt, "segmentation_checkpoint": seg_ckpt,
+        "metrics": [os.path.join(pre_dir, "metrics.json"), os.path.join(ft_dir, "metrics.json"),
+                    os.path.join(seg_dir, "metrics.json")],
+        "reconstructions": recon_dir, "predictions": pred_dir, "segmentations": seg_pred_dir,
+        "stage_seconds": {k: round(v, 1) for k, v in took.items()},
         "minutes": round((time.perf_counter() - t_start) / 60, 1),
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -159,11 +191,13 @@ def main(argv=None) -> None:
     print("\n=== Summary")
     print(f"  box AP {fmt(box_ap)}   mask AP {fmt(mask_ap)}   (COCOEvaluator on itpn_synthetic_val)")
     print(f"  box AP50 {fmt(summary['box_AP50'])}   mask AP50 {fmt(summary['mask_AP50'])}")
+    print(f"  mIoU {fmt(miou)}   (SemSegEvaluator on itpn_synthetic_sem_seg_val, 7 classes)")
+    print("  stage times            : " + ", ".join(f"{k} {v:.0f}s" for k, v in took.items()))
     print(f"  pre-trained checkpoint : {pre_ckpt}")
-    print(f"  fine-tuned checkpoint  : {ft_ckpt}")
-    print(f"  metrics                : {summary['metrics'][0]}, {summary['metrics'][1]}")
+    print(f"  fine-tuned checkpoints : {ft_ckpt}, {seg_ckpt}")
+    print(f"  metrics                : {', '.join(summary['metrics'])}")
     print(f"  reconstructions        : {recon_dir}")
-    print(f"  rendered predictions   : {pred_dir}")
+    print(f"  rendered predictions   : {pred_dir}, {seg_pred_dir}")
     print(f"  total time             : {summary['minutes']} min; summary in {os.path.join(out, 'summary.json')}")
 
 

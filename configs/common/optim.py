@@ -1,48 +1,40 @@
-"""AdamW with HiViT layer-wise learning-rate decay (the iTPN fine-tuning recipe).
+"""AdamW with HiViT layer-wise learning-rate decay, as the iTPN release's detection recipe.
 
-Param groups come from detectron2's ``get_default_optimizer_params``:
+Param groups come from :func:`itpn_d2.lr_decay.layer_decay_param_groups`, which builds them
+as the release's mmcv constructor does:
 
-* lr: ``optimizer.lr`` times the HiViT layer-decay factor of the parameter
-  (``itpn_d2.lr_decay``; pyramid and heads at full rate). The number of layers follows
-  ``model.backbone.net`` through interpolation, so patching the arch needs no second edit;
-  a config only sets ``optimizer.params.lr_factor_func.lr_decay_rate``.
-* weight decay 0.05, except 0 for norm layers (``weight_decay_norm``), biases
-  (``weight_decay_bias``), the absolute position embedding, relative position bias tables
-  and layer-scale vectors, as the reference's optimizer constructor does for 1-D
-  parameters and its ``no_weight_decay`` names. (detectron2's own ``layers.LayerNorm``
-  in the RPN / ROI heads is not a ``torch.nn.LayerNorm``, so its weight keeps decay.)
+* lr: ``optimizer.lr`` times the layer-decay factor of the parameter. Rule ``"release_det"``
+  (sunsmarterjie/iTPN ``det/mmcv_custom/layer_decay_optimizer_constructor.py``, quirks
+  included: last block ``rate ** -1``, position embedding 1.0; see ``itpn_d2/lr_decay.py``).
+  ``rule="itpn_d2"`` selects this project's earlier convention. The number of layers follows
+  ``model.backbone.net`` through interpolation; a config sets only
+  ``optimizer.params.lr_factor_func.lr_decay_rate``.
+* weight decay 0.05 except on 1-D tensors (every norm and layer-scale, heads included), biases,
+  ``*_token`` and ``*pos_embed`` (``no_weight_decay="release_det"``). Relative-position tables are
+  2-D and decayed, as released (its config's ``custom_keys`` are ignored by that constructor).
 
 Usage (like detectron2's ``common/optim.py``)::
 
     from ..common.optim import AdamW as optimizer
-    optimizer.lr = 2e-4
     optimizer.params.lr_factor_func.lr_decay_rate = 0.9
 """
 import torch
 from detectron2.config import LazyCall as L
-from detectron2.solver.build import get_default_optimizer_params
 
-from itpn_d2.lr_decay import hivit_lr_factor_func
-
-NO_DECAY = {"weight_decay": 0.0}
+from itpn_d2.lr_decay import hivit_lr_factor_func, layer_decay_param_groups
 
 AdamW = L(torch.optim.AdamW)(
-    params=L(get_default_optimizer_params)(
+    params=L(layer_decay_param_groups)(
         # params.model is set to the model object before instantiating the optimizer.
         base_lr="${..lr}",
-        weight_decay_norm=0.0,
-        weight_decay_bias=0.0,
+        weight_decay="${..weight_decay}",
         lr_factor_func=L(hivit_lr_factor_func)(
+            rule="release_det",
             lr_decay_rate=0.9,
             mlp_depths="${....model.backbone.net.mlp_depths}",
             depth="${....model.backbone.net.depth}",
         ),
-        overrides={
-            "absolute_pos_embed": NO_DECAY,
-            "relative_position_bias_table": NO_DECAY,
-            "gamma_1": NO_DECAY,
-            "gamma_2": NO_DECAY,
-        },
+        no_weight_decay="release_det",
     ),
     lr=2e-4,
     betas=(0.9, 0.999),

@@ -47,7 +47,7 @@ dataloader.train.mapper.color_jitter = 0.4
 optimizer.betas = (0.9, 0.98)
 set_schedule(
     optimizer, lr_multiplier, train, model=model,
-    blr=1.5e-3 * 256 / 2048, total_batch=2048, epochs=300, warmup_epochs=5, images_per_epoch=1281167,
+    blr=1.5e-3 * 256 / 2048, epochs=300, warmup_epochs=5, images_per_epoch=1281167,
 )
-lr_multiplier.scheduler.end_value = 1e-5 / optimizer.lr  # cosine to lr 1e-5
+lr_multiplier.scheduler.end_value = "${itpn.div:1e-5,${optimizer.lr}}"  # cosine to lr 1e-5 at any batch
 train.output_dir = "./output/pretrain/mim_clip_itpn_base_300ep"

@@ -27,5 +27,5 @@ dataloader.train.num_workers = 10
 IMAGENET_TRAIN_IMAGES = 1281167
 set_schedule(
     optimizer, lr_multiplier, train, model=model,
-    blr=1.5e-4, total_batch=4096, epochs=800, warmup_epochs=40, images_per_epoch=IMAGENET_TRAIN_IMAGES,
+    blr=1.5e-4, epochs=800, warmup_epochs=40, images_per_epoch=IMAGENET_TRAIN_IMAGES,
 )

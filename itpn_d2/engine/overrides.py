@@ -45,7 +45,7 @@ FORWARDED_KWARGS = {
 # Read by tools/lazyconfig_train_net.py with cfg.train.get(...): valid even where the config lacks them.
 OPTIONAL_KEYS = (
     "train.backbone_load", "train.amp.dtype", "train.extra_hooks", "train.seed", "train.cudnn_benchmark",
-    "train.compile.enabled", "train.grad_accum_steps", "train.tf32",
+    "train.compile.enabled", "train.grad_accum_steps", "train.tf32", "train.new_by_design_keys",
 )
 
 

@@ -13,10 +13,11 @@ same ``backbone.net.*`` / ``backbone.pyramid.*`` keys as the pre-training model
 and the detector.
 """
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
@@ -34,7 +35,17 @@ _STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "c2": 4, "c3": 8, "c4": 16, "c
 class ITPNSegBackbone(ITPNBackbone):
     """Outputs any of ``p2..p5`` (pyramid, ``pyramid.out_dim`` channels) and
     ``c2..c5`` (encoder: C/4, C/2, C, C channels) at strides 4, 8, 16, 32.
-    ``p5``/``c5`` are 2x2 max pooling of ``p4``/``c4``, as in the iTPN segmentation code."""
+    ``p5``/``c5`` are 2x2 max pooling of ``p4``/``c4``, as in the iTPN segmentation code.
+
+    ``rel_pos_grid=S`` (with ``net.rel_pos=True``) gives every attention block a relative
+    position bias table of ``(2S-1)^2`` entries per head, **zero-initialised**, as the release's
+    segmentation backbone builds it (sunsmarterjie/iTPN ``seg/backbone/iTPN.py``: ``rpe=True``,
+    ``torch.zeros((2*Hp-1)*(2*Wp-1), heads)`` with ``Hp = img_size / 16 = 32`` at 512 crops).
+    A pixel pre-training checkpoint has no such table: these keys are new by design, and a
+    config that sets this lists them in ``train.new_by_design_keys`` so strict loading accepts
+    exactly them (``itpn_d2.checkpoint``). Starting from zero, the bias is the identity of
+    attention until fine-tuning learns it.
+    """
 
     @configurable
     def __init__(
@@ -44,6 +55,7 @@ class ITPNSegBackbone(ITPNBackbone):
         pyramid: FeaturePyramid,
         out_features: Sequence[str] = ("p2", "p3", "p4", "p5", "c2", "c3", "c4", "c5"),
         square_pad: int = 0,
+        rel_pos_grid: Optional[int] = None,
     ):
         unknown = [f for f in out_features if f not in _STRIDES]
         if unknown:
@@ -55,6 +67,22 @@ class ITPNSegBackbone(ITPNBackbone):
         self._out_feature_strides = {f: _STRIDES[f] for f in out_features}
         self._out_feature_channels = {f: channels.get(f, pyramid.out_dim) for f in out_features}
         self._size_divisibility = max(max(self._out_feature_strides.values()), net.unit_size)
+        if rel_pos_grid is not None:
+            self._zero_rel_pos_tables(int(rel_pos_grid))
+
+    def _zero_rel_pos_tables(self, grid: int) -> None:
+        if not self.net.rel_pos:
+            raise ValueError("ITPNSegBackbone rel_pos_grid needs net.rel_pos=True (model.backbone.net.rel_pos)")
+        if grid < 1:
+            raise ValueError(f"ITPNSegBackbone rel_pos_grid must be a positive grid size, got {grid}")
+        m1, m2 = self.net.mlp_depths
+        for blk in self.net.blocks[m1 + m2 + 2 :]:
+            attn = blk.attn
+            old = attn.relative_position_bias_table
+            attn.rel_pos_grid = (grid, grid)
+            attn.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * grid - 1) ** 2, attn.num_heads, dtype=old.dtype, device=old.device)
+            )
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """(B, 3, H, W) -> {name: (B, C_name, H/stride, W/stride)}; H, W multiples of 32."""

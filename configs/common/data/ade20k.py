@@ -1,9 +1,13 @@
 """ADE20K-150 semantic segmentation loaders (detectron2's builtin ``ade20k_sem_seg_{train,val}``,
 under ``$DETECTRON2_DATASETS/ADEChallengeData2016``; see datasets/README.md).
 
-Training augmentation as the mmseg/BEiT recipe the iTPN numbers use: resize the
-short side to 0.5-2.0 x 512 (long side at most 2048), 512x512 crop in which no
-class covers more than 75 % of the pixels, horizontal flip. Test: short side 512.
+Training augmentation as the release (sunsmarterjie/iTPN ``seg/configs/_base_/datasets/ade20k.py``,
+mmseg's pipeline): resize with ratio 0.5-2.0 of (2048, 512), i.e. short side uniform in 256..1024
+(long side at most 2048; mmseg caps it at 2048 x ratio, which binds only for aspect ratios
+above 4), 512x512 crop in which no class covers more than 75 % of the pixels, horizontal flip,
+``PhotoMetricDistortion`` (brightness, contrast, saturation, hue, as mmseg:
+``itpn_d2.data.photometric``). Test: short side 512, long side at most 2048. mmseg pads crops to
+512 (label 255); detectron2 pads a batch to its largest image (divisible by 32), also with 255.
 The evaluator uses a numpy-2-safe label loader.
 """
 
@@ -17,6 +21,7 @@ from detectron2.data import transforms as T
 from detectron2.evaluation import SemSegEvaluator
 from omegaconf import OmegaConf
 
+from itpn_d2.data.photometric import PhotoMetricDistortion
 from itpn_d2.data.resumable import build_resumable_train_loader
 from itpn_d2.evaluation.sem_seg import sem_seg_loading_fn
 
@@ -28,11 +33,7 @@ dataloader.train = L(build_resumable_train_loader)(
     mapper=L(DatasetMapper)(
         is_train=True,
         augmentations=[
-            L(T.ResizeShortestEdge)(
-                short_edge_length=[int(512 * r / 10) for r in range(5, 21)],
-                max_size=2048,
-                sample_style="choice",
-            ),
+            L(T.ResizeShortestEdge)(short_edge_length=(256, 1024), max_size=2048, sample_style="range"),
             L(T.RandomCrop_CategoryAreaConstraint)(
                 crop_type="absolute",
                 crop_size=(512, 512),
@@ -40,6 +41,7 @@ dataloader.train = L(build_resumable_train_loader)(
                 ignored_category=255,
             ),
             L(T.RandomFlip)(horizontal=True),
+            L(PhotoMetricDistortion)(image_format="${...image_format}"),
         ],
         image_format="RGB",
         use_instance_mask=False,

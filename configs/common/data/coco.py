@@ -6,8 +6,11 @@ Training (the reference's mmdet ``AutoAugment`` with two policies, each with pro
   to one of 480..800. Both policies end with the same resize, so the second is written as a
   ``RandomApply(p=0.5)`` of "resize 400-600 + crop" in front of the common resize.
 Test: shorter side 800, longer side <= 1333. Images are RGB (the iTPN backbone's order).
-16 images per batch, as the reference (2 per GPU x 8 GPUs; detectron2 splits
-``total_batch_size`` over the workers).
+64 images per batch, as the release: 32 GPUs x 2 images (sunsmarterjie/iTPN ``det/README.md``:
+"We use 32 V100 GPUs"; ``det/configs/_base_/datasets/coco_instance.py``: ``samples_per_gpu=2``).
+detectron2 splits ``total_batch_size`` over the processes; the COCO configs compute lr,
+iterations, warm-up and LR steps from it (``configs/common/coco_schedule.py``), so
+``dataloader.train.total_batch_size=16`` on 8 GPUs needs no other change.
 
 For detection-only data (no masks), set ``dataloader.train.mapper.use_instance_mask = False``
 (see ``configs/COCO/faster_rcnn_itpn_base_1x.py``).
@@ -45,5 +48,5 @@ dataloader.train._target_ = build_resumable_train_loader
 dataloader.train.aspect_ratio_grouping = True
 dataloader.train.seed = 0
 dataloader.train.mapper.use_instance_mask = True
-dataloader.train.total_batch_size = 16
+dataloader.train.total_batch_size = 64
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)]
