@@ -85,22 +85,23 @@ def norm_over_batch(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
     t: (B, ...) -> same shape; B (global) must be at least 2.
     """
-    n = t.shape[0]
-    s1, s2 = t.sum(0), t.pow(2).sum(0)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        stats = torch.stack([s1, s2])
-        count = torch.tensor([float(n)], device=t.device)
-        dist.all_reduce(stats)
-        dist.all_reduce(count)
-        s1, s2, n = stats[0], stats[1], float(count.item())
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    n = t.shape[0] * (dist.get_world_size() if distributed else 1)  # equal per-process batches (detectron2's)
     if n < 2:
         raise ValueError(
             "MaskedPretrainer: mfm_target_norm='batch_token' standardises teacher targets over the images "
-            f"of the batch and needs at least 2 images, got {int(n)} (use a larger batch or mfm_target_norm='token')"
+            f"of the batch and needs at least 2 images, got {n} (use a larger batch or mfm_target_norm='token')"
         )
-    mean = s1 / n
-    var = (s2 / n - mean.pow(2)).clamp(min=0.0)
-    return (t - mean) / (var + eps) ** 0.5
+    # two passes (mean, then the mean square about it): E[x^2] - E[x]^2 cancels badly when the
+    # shared part is large, which is the very case here
+    s1 = t.sum(0)
+    if distributed:
+        dist.all_reduce(s1)
+    centred = t - s1 / n
+    s2 = centred.pow(2).sum(0)
+    if distributed:
+        dist.all_reduce(s2)
+    return centred / (s2 / n + eps) ** 0.5
 
 
 MFM_TARGET_NORMS = ("batch_token", "token")
