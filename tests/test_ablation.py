@@ -255,6 +255,21 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     for f in ("results.md", "curves_det.png", "curves_seg.png", "mim_loss.png", "flops.json"):
         assert (out / f).exists(), f
 
+    # a given MIM + MFM checkpoint (make demo's) stands in for the equal-iterations one
+    demo = tmp_path / "demo" / "pretrain"
+    demo.mkdir(parents=True)
+    (demo / "model_final.pth").write_bytes(b"demo")
+    (demo / "metrics.json").write_text(json.dumps({"iteration": 19, "loss_mim": 0.5, "total_loss": 0.8}) + "\n")
+    launched.clear()
+    out2 = tmp_path / "abl2"
+    ablate.main([*argv[2:], "--output-dir", str(out2), "--variants", "integral_mim_mfm", "--budgets", "iters",
+                 "--tasks", "det", "--pretrain-mim-mfm", str(demo / "model_final.pth")])
+    assert [c for c in launched if "pretrain" in c[c.index("--config-file") + 1]] == []
+    assert (out2 / "pretrain_mim_mfm_100it_s0" / "model_final.pth").read_bytes() == b"demo"
+    assert json.loads((out2 / "results.json").read_text())["mim_curves"] == {"mim_mfm": {"0": [[19, 0.5]]}}
+    with pytest.raises(SystemExit, match="no such file"):
+        ablate.main([*argv, "--pretrain-mim-mfm", str(tmp_path / "nope.pth")])
+
     launched.clear()
     ablate.main(argv)  # everything finished: reused, nothing launched
     assert launched == []

@@ -541,6 +541,10 @@ def main(argv=None):
     p.add_argument("--det-config", default=FINETUNE_CFG)
     p.add_argument("--seg-config", default=None, help="segmentation fine-tuning config (task seg)")
     p.add_argument("--seg-metric", default="sem_seg/mIoU", help="metrics.json key of the segmentation metric")
+    p.add_argument("--pretrain-mim-mfm", default=None,
+                   help="reuse this MIM + MFM checkpoint as the equal-iterations one of the first pre-training "
+                        "seed (e.g. make demo's, same config and 500 iterations); its metrics.json beside it is "
+                        "used for the MIM-loss curve")
     p.add_argument("--report-only", action="store_true", help="no new runs: report the finished ones")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each with cores/jobs torch threads (a detectron2 step is "
@@ -575,6 +579,17 @@ def main(argv=None):
 
     def pre_dir(kind, budget, seed):
         return os.path.join(out, f"pretrain_{kind}_{iters[budget][kind]}it_s{seed}")
+
+    if args.pretrain_mim_mfm and "mim_mfm" in kinds:
+        given = os.path.abspath(args.pretrain_mim_mfm)
+        if not os.path.isfile(given):
+            sys.exit(f"[ablation] --pretrain-mim-mfm {args.pretrain_mim_mfm}: no such file")
+        d = pre_dir("mim_mfm", "iters", args.pretrain_seeds[0])
+        os.makedirs(d, exist_ok=True)
+        for name, src in (("model_final.pth", given), ("metrics.json", os.path.join(os.path.dirname(given), "metrics.json"))):
+            dst = os.path.join(d, name)
+            if os.path.exists(src) and not os.path.lexists(dst):
+                os.symlink(src, dst)
 
     pre_jobs = sorted({(k, b, s) for k in kinds for b in args.budgets for s in args.pretrain_seeds},
                       key=lambda j: (iters[j[1]][j[0]], j))
