@@ -123,7 +123,8 @@ def test_table_claims_report_and_plots(ablate, tmp_path):
     assert "| mim | 0.100 | 0.000 | 16 | 4.80 | 500 / 900 |" in md
     assert "Task det, pre-training budget: equal flops" in md and "Task seg, pre-training budget: equal iters" in md
     assert "| backbone_only | 5 | 12.0 ± 1.6 | 11.0 ± 1.6 | 6.0 / 12.0 | 5.5 / 11.0 |" in md
-    assert ("| det | iters | pyramid pre-trained vs backbone-only (the paper's baseline) (integral_mim - backbone_only) "
+    assert ("| det | iters | pyramid pre-trained vs backbone-only (the paper's baseline) "
+            "(integral_mim - backbone_only) "
             "| box_AP | final | 5 | +2.20 | [+2.00, +2.40] | 5 / 0 / 0 | 0.062 | established: higher |") in md
     assert (tmp_path / "results.md").read_text().strip() == md.strip()
     paths = ablate.plot(runs, table, tasks, variants, ["iters", "flops"], str(tmp_path))
@@ -216,7 +217,8 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
             n = int(opts["train.max_iter"])
             base = {"encoder_only": 2.0}.get(opts["train.backbone_load"], 0.0) + seed
             base += 3.0 if opts["train.init_checkpoint"] else 0.0
-            key = {"bbox/AP": base, "segm/AP": base - 1} if cfg.endswith("tiny_demo.py") else {"sem_seg/mIoU": 20 + base}
+            det = cfg.endswith("tiny_demo.py")
+            key = {"bbox/AP": base, "segm/AP": base - 1} if det else {"sem_seg/mIoU": 20 + base}
             rows = [{"iteration": 9, "total_loss": 2.0}, {"iteration": n // 2 - 1, **key}, {"iteration": n - 1, **key}]
         with open(os.path.join(out, "metrics.json"), "w") as f:
             f.write("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -238,9 +240,10 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     loads = {dict(x.split("=", 1) for x in c if "=" in x)["train.output_dir"].rsplit("/", 1)[1]:
              dict(x.split("=", 1) for x in c if "=" in x) for c in ft}
     assert loads["ft_det_backbone_only_s0"]["train.backbone_load"] == "encoder_only"
-    assert loads["ft_det_backbone_only_s0"]["train.init_checkpoint"].endswith("pretrain_backbone_only_100it_s0/model_final.pth")
-    assert loads["ft_seg_encoder_only@flops_s1"]["train.init_checkpoint"].endswith("pretrain_mim_200it_s0/model_final.pth")
-    assert loads["ft_det_integral_mim_mfm@flops_s1"]["train.init_checkpoint"].endswith("pretrain_mim_mfm_100it_s0/model_final.pth")
+    for run_dir, pre in (("ft_det_backbone_only_s0", "pretrain_backbone_only_100it_s0"),
+                         ("ft_seg_encoder_only@flops_s1", "pretrain_mim_200it_s0"),
+                         ("ft_det_integral_mim_mfm@flops_s1", "pretrain_mim_mfm_100it_s0")):
+        assert loads[run_dir]["train.init_checkpoint"].endswith(f"{pre}/model_final.pth"), run_dir
     assert loads["ft_det_scratch_s0"]["train.init_checkpoint"] == ""
 
     res = json.loads((out / "results.json").read_text())

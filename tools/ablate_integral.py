@@ -261,7 +261,9 @@ def _betacf(a: float, b: float, x: float) -> float:
     h = d
     for m in range(1, 300):
         m2 = 2 * m
-        for num in (m * (b - m) * x / ((a + m2 - 1) * (a + m2)), -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1))):
+        even = m * (b - m) * x / ((a + m2 - 1) * (a + m2))
+        odd = -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1))
+        for num in (even, odd):
             d = 1.0 + num * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + num / c
@@ -348,6 +350,10 @@ def _budget_of(variant: str, budget: str) -> str:
     return "iters" if VARIANTS[variant][0] is None else budget  # scratch does not pre-train
 
 
+def _mean_sd(x: Sequence[float]) -> List[float]:
+    return [statistics.mean(x), statistics.stdev(x) if len(x) > 1 else 0.0]
+
+
 def summarise(runs: List[dict], tasks: Dict[str, Task], variants: Sequence[str], budgets: Sequence[str]) -> List[dict]:
     """One row per (task, budget, variant): seeds, mean and sd of each final metric and of the
     metric at the first evaluation, and the mean curve over the evaluations."""
@@ -363,8 +369,8 @@ def summarise(runs: List[dict], tasks: Dict[str, Task], variants: Sequence[str],
                 for m in task.metrics:
                     final = [r["final"][m] for r in rs]
                     first = [r["evals"][0][1][m] for r in rs]
-                    row[m] = [statistics.mean(final), statistics.stdev(final) if len(final) > 1 else 0.0]
-                    row[f"{m}_first_eval"] = [statistics.mean(first), statistics.stdev(first) if len(first) > 1 else 0.0]
+                    row[m] = _mean_sd(final)
+                    row[f"{m}_first_eval"] = _mean_sd(first)
                     n_ev = min(len(r["evals"]) for r in rs)
                     row[f"{m}_curve"] = [statistics.mean(r["evals"][k][1][m] for r in rs) for k in range(n_ev)]
                 table.append(row)
@@ -514,7 +520,8 @@ def plot_mim(curves: Dict[str, Dict[int, List[List[float]]]], flops: Dict[str, d
             ax_it.plot(its, [v for _, v in c], label=label)
             if kind in flops:
                 ax_fl.plot([(i + 1) * flops[kind]["per_iter"] / 1e12 for i in its], [v for _, v in c], label=label)
-    ax_it.set(xlabel="pre-training iteration", ylabel="MIM loss (masked units)", title="reconstruction, equal iterations")
+    ax_it.set(xlabel="pre-training iteration", ylabel="MIM loss (masked units)",
+              title="reconstruction, equal iterations")
     ax_fl.set(xlabel="pre-training TFLOPs", ylabel="MIM loss (masked units)", title="reconstruction, equal compute")
     ax_it.legend(fontsize=7)
     ax_fl.legend(fontsize=7)
@@ -571,7 +578,8 @@ def main(argv=None):
     for k in kinds:
         if k not in flops:
             flops[k] = pretrain_flops(k)
-    iters = {"iters": {k: args.pretrain_iters for k in kinds}, "flops": budget_iters({k: flops[k] for k in kinds}, args.pretrain_iters)}
+    iters = {"iters": {k: args.pretrain_iters for k in kinds},
+             "flops": budget_iters({k: flops[k] for k in kinds}, args.pretrain_iters)}
     for k in kinds:
         flops[k]["iterations"] = {b: iters[b][k] for b in BUDGETS}
     with open(flops_path, "w") as f:
@@ -586,7 +594,8 @@ def main(argv=None):
             sys.exit(f"[ablation] --pretrain-mim-mfm {args.pretrain_mim_mfm}: no such file")
         d = pre_dir("mim_mfm", "iters", args.pretrain_seeds[0])
         os.makedirs(d, exist_ok=True)
-        for name, src in (("model_final.pth", given), ("metrics.json", os.path.join(os.path.dirname(given), "metrics.json"))):
+        beside = os.path.join(os.path.dirname(given), "metrics.json")
+        for name, src in (("model_final.pth", given), ("metrics.json", beside)):
             dst = os.path.join(d, name)
             if os.path.exists(src) and not os.path.lexists(dst):
                 os.symlink(src, dst)

@@ -107,7 +107,9 @@ class PixelDecoder(nn.Module):
         super().__init__()
         levels = tuple(int(s) for s in levels)
         if not levels or any(s not in (16, 8, 4) for s in levels) or list(levels) != sorted(set(levels), reverse=True):
-            raise ValueError(f"PixelDecoder.levels must be a non-empty subset of (16, 8, 4) in that order, got {levels}")
+            raise ValueError(
+                f"PixelDecoder.levels must be a non-empty subset of (16, 8, 4) in that order, got {levels}"
+            )
         self.levels = levels
         self.unit_size = unit_size
         self.in_chans = in_chans

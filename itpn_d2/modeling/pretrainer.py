@@ -170,7 +170,9 @@ class MaskedPretrainer(nn.Module):
         if mfm_loss not in ("smooth_l1", "mse"):
             raise ValueError(f"MaskedPretrainer.mfm_loss must be 'smooth_l1' or 'mse', got {mfm_loss!r}")
         if mfm_target_norm not in MFM_TARGET_NORMS:
-            raise ValueError(f"MaskedPretrainer.mfm_target_norm must be one of {MFM_TARGET_NORMS}, got {mfm_target_norm!r}")
+            raise ValueError(
+                f"MaskedPretrainer.mfm_target_norm must be one of {MFM_TARGET_NORMS}, got {mfm_target_norm!r}"
+            )
         if mfm_warmup_iters < 0:
             raise ValueError(f"MaskedPretrainer.mfm_warmup_iters must be >= 0, got {mfm_warmup_iters}")
         if not use_pyramid:
@@ -375,9 +377,9 @@ class MaskedPretrainer(nn.Module):
                 ``loss_mim`` (fused) or ``loss_mim_p2/p3/p4`` (per level), and
                 ``loss_mfm_p2/p3/p4`` (levels with non-zero weight). Each is the
                 weighted mean over masked units (MFM weights times the warm-up factor).
-                ``mfm_posonly_p2/p3/p4`` (the position-only meter, same weights) go to the
-                EventStorage only, so they are logged but neither summed nor differentiated. ``mask_ratio``, ``ema_momentum`` and
-                ``skipped_images`` go to the active EventStorage.
+                ``mask_ratio``, ``ema_momentum``, ``skipped_images`` and the position-only
+                meter ``mfm_posonly_p2/p3/p4`` (same weights) go to the active EventStorage
+                only: logged, but neither summed into the loss nor differentiated.
             eval: dict of tensors for the reconstruction visualiser (masks are drawn
                 with a CPU generator seeded by ``eval_mask_seed``, so repeated calls agree):
                 "image": (B, 3, H, W) the input, 0-255 RGB (float);
