@@ -25,9 +25,9 @@ model.mfm_decoder = L(LevelDecoder)(
 )
 # Momentum 0.99 -> 1 (cosine over training): the teacher averages over ~1/(1-m) = 100 iterations,
 # well inside a run of a few hundred; at 0.996 (250 iterations) a 150-iteration run's teacher
-# barely leaves its random start and loss_mfm_p4 stays at 0.54 of the position-only line, not
-# 0.36. The MFM weight rises linearly over the first 40 iterations: loss_mim after 150
-# iterations 0.62 instead of 0.75 at the same MFM level (one seed each; the README's MFM notes).
+# barely leaves its random start and loss_mfm_p4 ends at 0.50 of the position-only line, not
+# 0.35. The MFM weight rises linearly over the first 40 iterations: loss_mim after 150
+# iterations 0.62 instead of 0.74 at the same MFM level (one seed each; the README's MFM notes).
 model.teacher = L(EMATeacher)(momentum=0.99, end_momentum=1.0, max_iter=0, targets="encoder")
 model.mfm_target_norm = "batch_token"
 model.mfm_warmup_iters = 40
