@@ -26,7 +26,8 @@ D = 64  # tiny pyramid width
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_pretrainer(*, mim="fused", mfm=True, mask="random", momentum=0.99, max_iter=0, fpn_depth=2, seed=0):
+def tiny_pretrainer(*, mim="fused", mfm=True, mask="random", momentum=0.99, max_iter=0, fpn_depth=2, seed=0,
+                    targets="encoder", target_norm="batch_token", mfm_warmup_iters=0):
     torch.manual_seed(seed)
     backbone = make_tiny_backbone(fpn_depth=fpn_depth, out_dim=D, pretrain_img_size=IMG)
     if mim == "fused":
@@ -35,7 +36,8 @@ def tiny_pretrainer(*, mim="fused", mfm=True, mask="random", momentum=0.99, max_
         pix = LevelDecoder(in_dim=D, dec_dim=64, depth=1, num_heads=4, pretrain_img_size=IMG)
     else:
         pix = None
-    mfm_dec = LevelDecoder(in_dim=D, out_dims=(D, D, D), dec_dim=64, depth=1, num_heads=4, pretrain_img_size=IMG)
+    widths = backbone.net.stage_dims if targets == "encoder" else (D, D, D)
+    mfm_dec = LevelDecoder(in_dim=D, out_dims=widths, dec_dim=64, depth=1, num_heads=4, pretrain_img_size=IMG)
     gen = RandomMaskGenerator() if mask == "random" else BlockMaskGenerator(min_block=2)
     return MaskedPretrainer(
         backbone=backbone,
@@ -44,8 +46,10 @@ def tiny_pretrainer(*, mim="fused", mfm=True, mask="random", momentum=0.99, max_
         pixel_std=STD,
         pixel_decoder=pix,
         mfm_decoder=mfm_dec if mfm else None,
-        teacher=EMATeacher(momentum=momentum, max_iter=max_iter) if mfm else None,
+        teacher=EMATeacher(momentum=momentum, max_iter=max_iter, targets=targets) if mfm else None,
         mim_weights=(1.0, 1.0, 1.0) if mim == "levels" else 1.0,
+        mfm_target_norm=target_norm,
+        mfm_warmup_iters=mfm_warmup_iters,
     )
 
 
@@ -219,6 +223,199 @@ def test_mask_ratio_is_logged():
         losses = model(data)
         assert storage.history("mask_ratio").latest() == pytest.approx(0.75)
     assert set(losses) == {"loss_mim"}
+
+
+# ---------------------------------------------------------------- MFM targets and the position-only meter
+
+
+def _train_mfm(model, images, steps, lr=3e-3):
+    """MFM-only training on one batch (fresh masks each step); per step
+    {level: (loss_mfm, mfm_posonly)} as logged."""
+    data = batch(images)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    history = []
+    with EventStorage(0) as storage:
+        for it in range(steps):
+            storage.iter = it
+            torch.manual_seed(it)
+            losses = model(data)
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+            history.append({n: (float(losses[f"loss_mfm_{n}"].detach()), storage.history(f"mfm_posonly_{n}").latest())
+                            for n in ("p2", "p3", "p4")})
+    return history
+
+
+def _mean(history, n, i):
+    rows = history[i]
+    return sum(r[n][0] for r in rows) / len(rows), sum(r[n][1] for r in rows) / len(rows)
+
+
+def test_encoder_targets_untrained_at_posonly_trained_clearly_below():
+    """New targets: an untrained model is at the position-only line (nothing image-independent
+    is left to predict); a few dozen steps on images whose masked units are predictable from the
+    visible ones (periodic, a different phase and colour per image) take it clearly below."""
+    model = tiny_pretrainer(mim=None, mfm=True, targets="encoder", target_norm="batch_token").train()
+    history = _train_mfm(model, pattern_images(8, seed=3), steps=40)
+    for n in ("p2", "p3", "p4"):
+        loss0, pos0 = history[0][n]
+        assert abs(loss0 - pos0) < 0.05 * pos0, f"{n}: untrained {loss0:.3f} vs position-only {pos0:.3f}"
+        loss, pos = _mean(history, n, slice(-3, None))
+        assert loss < 0.6 * pos, f"{n}: trained {loss:.3f} not clearly below position-only {pos:.3f}"
+
+
+def test_pyramid_token_targets_are_mostly_position():
+    """The earlier targets (EMA pyramid outputs, per-token norm) on images whose masked units
+    are NOT predictable from the visible ones: the position-only line is far below the untrained
+    loss and the trained loss ends close to it -- the falling loss is the position part. With
+    the new targets the untrained loss is already at the line (the control: the same images)."""
+    images = smooth_images(8, seed=3)
+    old = tiny_pretrainer(mim=None, mfm=True, targets="pyramid", target_norm="token").train()
+    history = _train_mfm(old, images, steps=25)
+    for n in ("p3", "p4"):  # p2 carries less of the position embedding
+        loss0, pos0 = history[0][n]
+        assert pos0 < 0.5 * loss0, f"{n}: position-only {pos0:.3f} vs untrained {loss0:.3f}"
+    for n in ("p2", "p3", "p4"):
+        loss0, pos0 = history[0][n]
+        loss, pos = _mean(history, n, slice(-3, None))
+        assert abs(loss - pos) < 0.1 * loss0, f"{n}: trained {loss:.3f}, position-only {pos:.3f}, untrained {loss0:.3f}"
+    new = tiny_pretrainer(mim=None, mfm=True, targets="encoder", target_norm="batch_token").train()
+    for n, (loss0, pos0) in _train_mfm(new, images, steps=1)[0].items():
+        assert abs(loss0 - pos0) < 0.05 * pos0, n
+
+
+def test_posonly_meter_is_the_loss_of_the_batch_mean_prediction():
+    model = tiny_pretrainer(mim="fused", mfm=True).train()
+    model.mfm_weights = (2.0, 1.0, 0.5)
+    images = smooth_images(4, seed=2)
+    x = model.preprocess_image(batch(images))
+    with torch.no_grad():
+        targets = model.mfm_targets(model.teacher(x))
+    # a decoder that outputs each position's batch-mean target: its loss IS the meter
+    means = [t.mean(0, keepdim=True).expand_as(t).clone() for t in targets]
+    model.mfm_decoder.forward = lambda feats, ids_keep, grid: means
+    with EventStorage(0) as storage:
+        losses = model(batch(images))
+        meter = {n: storage.history(f"mfm_posonly_{n}").latest() for n in ("p2", "p3", "p4")}
+    assert not any(k.startswith("mfm_posonly") for k in losses), "the meter must not be summed into the loss"
+    for n in ("p2", "p3", "p4"):
+        assert float(losses[f"loss_mfm_{n}"]) == pytest.approx(meter[n], rel=1e-5), n
+    assert meter["p2"] == pytest.approx(4 * meter["p4"], rel=0.3)  # on the loss's (weighted) scale
+
+
+def test_batch_token_targets_drop_what_every_image_shares():
+    model = tiny_pretrainer(mim=None, mfm=True).train()
+    g = torch.Generator().manual_seed(0)
+    raw = [torch.randn(6, 16, k, k, c, generator=g) for k, c in zip((4, 2, 1), model.teacher.out_dims)]
+    shared = [torch.randn(1, 16, k, k, c, generator=g) * 10 for k, c in zip((4, 2, 1), model.teacher.out_dims)]
+    a = model.mfm_targets(raw)
+    b = model.mfm_targets([r + s for r, s in zip(raw, shared)])
+    for ta, tb in zip(a, b):
+        assert torch.allclose(ta, tb, atol=1e-4)
+        assert torch.allclose(ta.mean(-1), torch.zeros(()), atol=1e-5)  # per token last
+        assert torch.allclose(ta.var(-1, unbiased=False), torch.ones(()), atol=1e-3)
+    model.mfm_target_norm = "token"  # control: per-token norm alone keeps the shared part
+    a, b = model.mfm_targets(raw), model.mfm_targets([r + s for r, s in zip(raw, shared)])
+    assert not torch.allclose(a[2], b[2], atol=0.1)
+    model.mfm_target_norm = "batch_token"
+    with pytest.raises(ValueError, match="at least 2 images"):
+        model.mfm_targets([r[:1] for r in raw])
+
+
+def test_ema_encoder_targets_are_the_teacher_encoder_stages():
+    model = tiny_pretrainer(mim=None, mfm=True, targets="encoder").eval()
+    x = model.preprocess_image(batch(smooth_images(2)))
+    with torch.no_grad():
+        outs = model.teacher(x)
+        f4, f8, f16 = model.teacher.model.net(x)
+        p4, p8, p16 = model.teacher.model.forward_units(x)
+    C = model.backbone.net.embed_dim
+    assert model.teacher.out_dims == (C // 4, C // 2, C) == model.mfm_decoder.out_dims
+    assert [tuple(o.shape) for o in outs] == [(2, 16, 4, 4, C // 4), (2, 16, 2, 2, C // 2), (2, 16, 1, 1, C)]
+    assert torch.equal(outs[0], f4) and torch.equal(outs[1], f8) and torch.equal(outs[2][:, :, 0, 0], f16)
+    pyr = tiny_pretrainer(mim=None, mfm=True, targets="pyramid").eval()
+    with torch.no_grad():
+        assert torch.equal(pyr.teacher(x)[2], pyr.teacher.model.forward_units(x)[2])
+    assert pyr.teacher.out_dims == (D, D, D)
+    with pytest.raises(ValueError, match="targets"):
+        EMATeacher(targets="pixels")
+
+
+def test_mfm_weight_warmup_is_linear():
+    model = tiny_pretrainer(mim="fused", mfm=True, mfm_warmup_iters=10).train()
+    data = batch(smooth_images(2))
+    vals = {}
+    for it in (0, 5, 10, 20):
+        torch.manual_seed(0)
+        with EventStorage(it) as storage:
+            losses = model(data)
+            vals[it] = (float(losses["loss_mfm_p4"].detach()), storage.history("mfm_posonly_p4").latest(),
+                        float(losses["loss_mim"].detach()))
+    assert vals[0][0] == 0.0 and vals[0][1] == 0.0 and vals[0][2] > 0
+    # no training in between and the teacher starts as the online copy: only the factor changes
+    assert vals[5][0] == pytest.approx(0.5 * vals[10][0], rel=1e-5)
+    assert vals[5][1] == pytest.approx(0.5 * vals[10][1], rel=1e-5)
+    assert vals[10] == pytest.approx(vals[20], rel=1e-6)
+    assert model.mfm_weight_factor(5) == 0.5 and model.mfm_weight_factor(10) == 1.0 == model.mfm_weight_factor(99)
+
+
+# ---------------------------------------------------------------- backbone-only baseline
+
+
+def _backbone_only_pretrainer():
+    torch.manual_seed(0)
+    backbone = make_tiny_backbone(out_dim=D, pretrain_img_size=IMG)
+    C = backbone.net.embed_dim
+    return MaskedPretrainer(
+        backbone=backbone, mask_generator=RandomMaskGenerator(), pixel_mean=MEAN, pixel_std=STD,
+        pixel_decoder=PixelDecoder(in_dim=C, dec_dim=64, depth=1, num_heads=4, pretrain_img_size=IMG, levels=(16,)),
+        use_pyramid=False,
+    )
+
+
+def test_backbone_only_pretraining_trains_the_encoder_alone(tmp_path, repo_root):
+    model = _backbone_only_pretrainer().train()
+    assert len(model.pixel_decoder.decoder_embed) == 1
+    assert not any(p.requires_grad for p in model.backbone.pyramid.parameters())
+    losses = model(batch(smooth_images(2)))
+    assert list(losses) == ["loss_mim"]
+    losses["loss_mim"].backward()
+    assert all(p.grad is not None for p in model.backbone.net.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.backbone.pyramid.parameters())
+    # the student's pyramid is not even run: the decoder reads the encoder's stride-16 output
+    x = model.preprocess_image(batch(smooth_images(2)))
+    ids, _ = model.make_mask(2, (4, 4), generator=torch.Generator().manual_seed(0))
+    out = model.predict(x, ids)
+    assert out["pyramid"][0] is None and torch.equal(out["pyramid"][2][:, :, 0, 0], out["encoder"][2])
+
+    # its checkpoint fine-tunes with a fresh pyramid: train.backbone_load=encoder_only
+    from itpn_d2.checkpoint import ITPNCheckpointer
+
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(0.5)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("backbone_only")
+    detector = _tiny_mask_rcnn(repo_root)
+    fresh = {k: v.clone() for k, v in detector.state_dict().items() if k.startswith("backbone.pyramid.")}
+    ckpt = ITPNCheckpointer(detector, backbone_load="encoder_only")
+    ckpt.load(str(tmp_path / "backbone_only.pth"))
+    sd = detector.state_dict()
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone.net."):
+            assert torch.equal(sd[k], v), k
+    for k, v in fresh.items():
+        assert torch.equal(sd[k], v), f"{k} was loaded; the pyramid must stay fresh"
+    assert ckpt.last_load_report["pyramid"] == 0 and ckpt.last_load_report["encoder"] > 0
+
+
+def test_backbone_only_bad_setups_are_errors():
+    backbone = make_tiny_backbone(out_dim=D, pretrain_img_size=IMG)
+    with pytest.raises(ValueError, match="levels=\\(16,\\)"):
+        MaskedPretrainer(backbone=backbone, mask_generator=RandomMaskGenerator(), pixel_mean=MEAN, pixel_std=STD,
+                         pixel_decoder=PixelDecoder(in_dim=D, dec_dim=64, depth=1, num_heads=4), use_pyramid=False)
+    with pytest.raises(ValueError, match="levels"):
+        PixelDecoder(in_dim=D, dec_dim=64, depth=1, num_heads=4, levels=(4, 16))
 
 
 # ---------------------------------------------------------------- no leak
@@ -445,7 +642,11 @@ def test_external_teacher_from_local_file(tmp_path):
                                  pretrain_img_size=IMG),
     ).train()
     assert not teacher.model.training
-    losses = model(batch(raw))
+    with EventStorage(0) as storage:
+        losses = model(batch(raw))
+        # the position-only meter is logged for the external teacher too, and not returned
+        assert all(storage.history(f"mfm_posonly_{n}").latest() > 0 for n in ("p2", "p3", "p4"))
+    assert sorted(losses) == ["loss_mfm_p2", "loss_mfm_p3", "loss_mfm_p4"]
     sum(losses.values()).backward()
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
 
@@ -503,7 +704,7 @@ def test_pretrain_optimizer_groups_and_schedule(repo_root):
     [
         "mim_itpn_base_800ep", "mim_itpn_base_mmpretrain_800ep", "mim_itpn_large_800ep",
         "mim_levels_itpn_base_800ep", "mim_mfm_itpn_base_800ep", "mim_clip_itpn_base_300ep",
-        "mim_mfm_itpn_tiny_cpu",
+        "mim_mfm_itpn_tiny_cpu", "mim_backbone_only_itpn_tiny_cpu",
     ],
 )
 def test_pretrain_configs_build(repo_root, name):

@@ -39,6 +39,9 @@ model.mfm_decoder = L(LevelDecoder)(
     in_dim=256, out_dims=(CLIP_DIM,) * 3, dec_dim=256, depth=2, num_heads=8, pretrain_img_size=224
 )
 model.mfm_loss = "smooth_l1"
+# per-token targets, as before; the mfm_posonly_* meter in metrics.json shows how much of
+# them is the same for every image (model.mfm_target_norm="batch_token" removes it)
+model.mfm_target_norm = "token"
 model.pixel_decoder = None
 
 dataloader.train.total_batch_size = 2048

@@ -163,8 +163,8 @@ class ITPNTrainer(SimpleTrainer):
         self.amp_dtype = amp_dtype
         self.grad_scaler = grad_scaler
         self.grad_accum_steps = int(grad_accum_steps)
-        # models that reduce their own counters over processes (MaskedPretrainer's skipped
-        # images) do it at the same period as the losses
+        # models that log their own host-read metrics (MaskedPretrainer's mfm_posonly_* meter)
+        # do it at the same period as the losses
         inner = getattr(model, "module", model)
         if hasattr(inner, "metrics_period"):
             inner.metrics_period = int(gather_metric_period)

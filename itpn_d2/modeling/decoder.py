@@ -12,6 +12,8 @@ with a mask token and lets them attend to the visible ones. Two decoders:
     2-D sin-cos ``decoder_pos_embed`` is added, then ``depth`` transformer blocks,
     ``decoder_norm``, ``decoder_pred: Linear(E -> 16*16*3)``. Depth 8 in the
     official layout, 6 in mmpretrain's. Attribute names follow the release.
+    ``levels=(16,)`` keeps the stride-16 input only: MAE's decoder on the encoder's
+    last output, for the backbone-only baseline (no pyramid in pre-training).
 
 ``LevelDecoder`` — per-level supervision (ours; the release has none).
     Each level keeps its own output: level l is embedded the same way
@@ -89,19 +91,29 @@ class PixelDecoder(nn.Module):
         unit_size: int = 16,
         in_chans: int = 3,
         pretrain_img_size: int = 224,
+        levels: Sequence[int] = (16, 8, 4),
     ):
         """
         Args:
-            in_dim: pyramid width D.
+            in_dim: pyramid width D (with ``levels=(16,)``: the width of the stride-16 input,
+                e.g. the encoder's C).
             dec_dim: decoder width E (divisible by 16).
             depth: decoder blocks (8 official, 6 mmpretrain).
             unit_size: pixels per unit side; predictions are unit_size^2 * in_chans per unit.
             pretrain_img_size: grid of the stored ``decoder_pos_embed``.
+            levels: strides read, a non-empty subset of (16, 8, 4) in that order (the
+                release's ``decoder_embed`` order); (16,) for the backbone-only baseline.
         """
         super().__init__()
+        levels = tuple(int(s) for s in levels)
+        if not levels or any(s not in (16, 8, 4) for s in levels) or list(levels) != sorted(set(levels), reverse=True):
+            raise ValueError(
+                f"PixelDecoder.levels must be a non-empty subset of (16, 8, 4) in that order, got {levels}"
+            )
+        self.levels = levels
         self.unit_size = unit_size
         self.in_chans = in_chans
-        self.decoder_embed = nn.ModuleList([_level_embed(in_dim, dec_dim, k) for k in (1, 2, 4)])
+        self.decoder_embed = nn.ModuleList([_level_embed(in_dim, dec_dim, 16 // s) for s in levels])
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
         g = pretrain_img_size // unit_size
         self._pos = _DecoderPos(dec_dim, (g, g))
@@ -123,25 +135,27 @@ class PixelDecoder(nn.Module):
         """
         Args:
             feats: (p4, p8, p16) of the kept units: (B, N_vis, 4, 4, D), (B, N_vis, 2, 2, D),
-                (B, N_vis, 1, 1, D) (``ITPNBackbone.forward_units``).
+                (B, N_vis, 1, 1, D) (``ITPNBackbone.forward_units``); levels not in
+                ``self.levels`` are ignored (may be None).
             ids_keep: (B, N_vis) raster indices of the kept units, or None if nothing is masked.
             grid: the unit grid (h, w), N = h * w.
         Returns:
             (B, N, unit_size^2 * in_chans) pixel predictions for every unit, each unit's
             values in (row, col, channel) order.
         """
-        p4, p8, p16 = feats
+        by_stride = dict(zip((4, 8, 16), feats))
         n = grid[0] * grid[1]
         x = None
         # decoder_embed order is strides 16, 8, 4 (the release's). The release pads each
         # level with the mask token and sums; summing the visible units first and padding
-        # once with the three-fold token is the same sum with one scatter instead of three.
-        for emb, f in zip(self.decoder_embed, (p16, p8, p4)):
+        # once with the L-fold token is the same sum with one scatter instead of L.
+        for emb, s in zip(self.decoder_embed, self.levels):
+            f = by_stride[s]
             B, nv = f.shape[:2]
             y = emb(f).reshape(B, nv, -1)
             x = y if x is None else x + y
-        tok = self.mask_token[0, 0].to(x.dtype)
-        x = _scatter_units(x, ids_keep, tok + tok + tok, n)
+        tok = self.mask_token[0, 0].to(x.dtype) * len(self.levels)
+        x = _scatter_units(x, ids_keep, tok, n)
         x = x + self._pos.get(self, grid, x)
         for blk in self.decoder_blocks:
             x = blk(x)

@@ -14,8 +14,12 @@ One training step:
     2. the backbone gives the visible units' pyramid (p4, p8, p16 in unit layout).
     3. MIM: the pixel decoder predicts every unit; loss on masked units only
        (normalised pixels per unit, or per level token in per-level mode).
-    4. MFM: the teacher (full image, no grad) gives per-level targets, normalised by a
-       non-affine LayerNorm; the MFM decoder predicts them; loss on masked units only.
+    4. MFM: the teacher (full image, no grad) gives per-level targets (by default the EMA
+       encoder's f4/f8/f16 for p2/p3/p4); each (position, channel) is standardised over the
+       images of the batch, which removes what is the same for every image, then each token
+       by a non-affine LayerNorm; the MFM decoder predicts them; loss on masked units only.
+       Beside each ``loss_mfm_*`` the meter ``mfm_posonly_*`` (the loss of the best
+       image-independent prediction) goes to the event storage, never into the loss.
 
 No leak: the only path from the pixels of a masked unit into the student is through
 its own tokens, which are dropped before the first block, so nothing of a masked
@@ -34,7 +38,7 @@ from .decoder import LEVEL_NAMES, LEVEL_STRIDES, LevelDecoder, PixelDecoder
 from .masking import mask_from_seed, num_masked_units
 from .teacher import EMATeacher
 
-__all__ = ["MaskedPretrainer", "patchify_units", "norm_targets"]
+__all__ = ["MaskedPretrainer", "patchify_units", "norm_targets", "norm_over_batch"]
 
 
 def _current_storage():
@@ -63,6 +67,37 @@ def norm_targets(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (t - mean) / (var + eps) ** 0.5
 
 
+def norm_over_batch(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Standardise every (position, channel) over the images of the batch (dim 0):
+    ``(t - mean_B) / sqrt(var_B + eps)``. What every image shares at a position (the
+    position embedding's imprint) becomes 0, so only what differs between images is left
+    to predict. With several training processes the statistics are those of the global
+    batch (one all-reduce of the sums), so 1 x 2B and 2 x B processes give the same targets.
+
+    t: (B, ...) -> same shape; B (global) must be at least 2.
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    n = t.shape[0] * (dist.get_world_size() if distributed else 1)  # equal per-process batches (detectron2's)
+    if n < 2:
+        raise ValueError(
+            "MaskedPretrainer: mfm_target_norm='batch_token' standardises teacher targets over the images "
+            f"of the batch and needs at least 2 images, got {n} (use a larger batch or mfm_target_norm='token')"
+        )
+    # two passes (mean, then the mean square about it): E[x^2] - E[x]^2 cancels badly when the
+    # shared part is large, which is the very case here
+    s1 = t.sum(0)
+    if distributed:
+        dist.all_reduce(s1)
+    centred = t - s1 / n
+    s2 = centred.pow(2).sum(0)
+    if distributed:
+        dist.all_reduce(s2)
+    return centred / (s2 / n + eps) ** 0.5
+
+
+MFM_TARGET_NORMS = ("batch_token", "token")
+
+
 @META_ARCH_REGISTRY.register()
 class MaskedPretrainer(nn.Module):
     """Masked image modelling (pixels) + masked feature modelling (teacher features)."""
@@ -82,6 +117,9 @@ class MaskedPretrainer(nn.Module):
         mfm_weights: Sequence[float] = (1.0, 1.0, 1.0),
         norm_pix_loss: bool = True,
         mfm_loss: str = "smooth_l1",
+        mfm_target_norm: str = "batch_token",
+        mfm_warmup_iters: int = 0,
+        use_pyramid: bool = True,
         eval_mask_seed: int = 0,
     ):
         """
@@ -101,6 +139,18 @@ class MaskedPretrainer(nn.Module):
             mfm_weights: 3 floats (p2, p3, p4); a 0 weight skips that level.
             norm_pix_loss: normalise pixel targets per unit (fused) / per token (per level).
             mfm_loss: "smooth_l1" (beta 1, as the iTPN CLIP variant) or "mse".
+            mfm_target_norm: "batch_token" (each (position, channel) standardised over the
+                images of the batch, then each token by a non-affine LayerNorm) or "token"
+                (LayerNorm only, the earlier targets: most of an EMA pyramid target is then
+                the same for every image).
+            mfm_warmup_iters: the MFM weights rise linearly from 0 to ``mfm_weights`` over
+                this many iterations (0: full weight from the start).
+            use_pyramid: False pre-trains the encoder alone (the paper's backbone-only
+                baseline): the pixel decoder reads the encoder's stride-16 output
+                (``PixelDecoder(levels=(16,), in_dim=C)``), the pyramid is frozen and unused
+                (its random weights stay in the checkpoint; fine-tune with
+                ``train.backbone_load=encoder_only`` for a fresh pyramid). Needs no MFM and a
+                fused pixel decoder.
             eval_mask_seed: seed of the masks drawn in eval mode (reproducible figures).
         """
         super().__init__()
@@ -110,6 +160,22 @@ class MaskedPretrainer(nn.Module):
             raise ValueError("MaskedPretrainer: mfm_decoder and teacher go together (both set or both None)")
         if mfm_loss not in ("smooth_l1", "mse"):
             raise ValueError(f"MaskedPretrainer.mfm_loss must be 'smooth_l1' or 'mse', got {mfm_loss!r}")
+        if mfm_target_norm not in MFM_TARGET_NORMS:
+            raise ValueError(
+                f"MaskedPretrainer.mfm_target_norm must be one of {MFM_TARGET_NORMS}, got {mfm_target_norm!r}"
+            )
+        if mfm_warmup_iters < 0:
+            raise ValueError(f"MaskedPretrainer.mfm_warmup_iters must be >= 0, got {mfm_warmup_iters}")
+        if not use_pyramid:
+            if mfm_decoder is not None:
+                raise ValueError("MaskedPretrainer: use_pyramid=False (backbone only) cannot have an mfm_decoder")
+            if not isinstance(pixel_decoder, PixelDecoder) or tuple(pixel_decoder.levels) != (16,):
+                raise ValueError(
+                    "MaskedPretrainer: use_pyramid=False needs pixel_decoder=PixelDecoder(levels=(16,), "
+                    "in_dim=<encoder width>), which reads the encoder's stride-16 output"
+                )
+            # Frozen: no gradients, so DDP finds no unused parameter and the optimizer skips them.
+            backbone.pyramid.requires_grad_(False)
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
         self.mfm_decoder = mfm_decoder
@@ -119,6 +185,9 @@ class MaskedPretrainer(nn.Module):
         self.unit_size = backbone.net.unit_size
         self.norm_pix_loss = norm_pix_loss
         self.mfm_loss = mfm_loss
+        self.mfm_target_norm = mfm_target_norm
+        self.mfm_warmup_iters = int(mfm_warmup_iters)
+        self.use_pyramid = bool(use_pyramid)
         self.eval_mask_seed = eval_mask_seed
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
@@ -144,12 +213,16 @@ class MaskedPretrainer(nn.Module):
 
         if teacher is not None:
             teacher.bind(self.backbone)
-            if any(d != teacher.out_dim for d in mfm_decoder.out_dims):
+            if tuple(mfm_decoder.out_dims) != tuple(teacher.out_dims):
                 raise ValueError(
-                    f"mfm_decoder.out_dims {mfm_decoder.out_dims} must all equal the teacher's width {teacher.out_dim}"
+                    f"mfm_decoder.out_dims {tuple(mfm_decoder.out_dims)} must equal the teacher's width per level "
+                    f"(p2, p3, p4) {tuple(teacher.out_dims)}"
                 )
         self._local_iter = 0  # used only when no EventStorage is active
         self._ema_iter = -1  # the iteration of the last EMA teacher update
+        # The mfm_posonly_* meter costs a device-to-host read (and an all-reduce): logged every
+        # this many iterations; the trainer sets it to train.log_period.
+        self.metrics_period = 1
 
     def _freeze_zero_weight_levels(self, mfm_decoder) -> None:
         """A 0 in ``mfm_weights`` skips that level's loss, so the level's output head (its norm
@@ -247,14 +320,18 @@ class MaskedPretrainer(nn.Module):
             ids_keep: (B, N_vis) kept unit indices (sorted raster order).
         Returns a dict:
             "encoder": (f4, f8, f16) HiViT outputs of the kept units,
-            "pyramid": (p4, p8, p16) pyramid of the kept units,
+            "pyramid": (p4, p8, p16) pyramid of the kept units ((None, None, f16) with
+                ``use_pyramid=False``),
             "mim": (B, N, 768) fused pixel prediction, or [p2, p3, p4] per-level predictions
                 (B, N, k, k, s*s*3), or None,
             "mfm": [p2, p3, p4] (B, N, k, k, T) teacher-feature predictions, or None.
         """
         grid = (images.shape[-2] // self.unit_size, images.shape[-1] // self.unit_size)
         enc = self.backbone.net(images, ids_keep)
-        pyr = self.backbone.pyramid(*enc)
+        if self.use_pyramid:
+            pyr = self.backbone.pyramid(*enc)
+        else:  # backbone only: the decoder reads f16 (PixelDecoder(levels=(16,)))
+            pyr = (None, None, enc[2][:, :, None, None, :])
         mim = self.pixel_decoder(pyr, ids_keep, grid) if self.pixel_decoder is not None else None
         mfm = self.mfm_decoder(pyr, ids_keep, grid) if self.mfm_decoder is not None else None
         return {"encoder": enc, "pyramid": pyr, "mim": mim, "mfm": mfm}
@@ -281,16 +358,49 @@ class MaskedPretrainer(nn.Module):
             else:
                 maps["mim"] = (out["mim"].float() - tgt).pow(2).mean(dim=-1)
         if out["mfm"] is not None and teacher_targets is not None:
-            for i, (name, p, t) in enumerate(zip(LEVEL_NAMES, out["mfm"], teacher_targets)):
-                if self.mfm_weights[i] == 0:
-                    continue
-                t = norm_targets(t.float())
-                if self.mfm_loss == "mse":
-                    err = F.mse_loss(p.float(), t, reduction="none")
-                else:
-                    err = F.smooth_l1_loss(p.float(), t, reduction="none", beta=1.0)
-                maps[f"mfm_{name}"] = err.mean(dim=(2, 3, 4))
+            maps.update(self.mfm_unit_losses(out["mfm"], teacher_targets)[0])
         return maps
+
+    def mfm_targets(self, teacher_targets: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Teacher outputs [(B, N, k, k, T_l)] -> the normalised MFM targets (same shapes, fp32)."""
+        outs = []
+        for t in teacher_targets:
+            t = t.float()
+            if self.mfm_target_norm == "batch_token":
+                t = norm_over_batch(t)
+            outs.append(norm_targets(t))
+        return outs
+
+    def _mfm_err(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.mfm_loss == "mse":
+            return F.mse_loss(p, t, reduction="none")
+        return F.smooth_l1_loss(p, t, reduction="none", beta=1.0)
+
+    def mfm_unit_losses(self, preds: Sequence[torch.Tensor], teacher_targets: Sequence[torch.Tensor]):
+        """Per-unit MFM loss maps and position-only meter maps, both {"mfm_p2".."mfm_p4": (B, N)}
+        for the levels with non-zero weight.
+
+        The meter is the loss of the best prediction that ignores the image: at every
+        (position, sub-token, channel), the batch mean of the target (what the least-squares
+        fit of a per-position constant gives). An MFM loss near it means the decoder has learnt
+        nothing about the image; the further below, the more image information it carries.
+        """
+        maps, posonly = {}, {}
+        targets = self.mfm_targets(teacher_targets)
+        for i, (name, p, t) in enumerate(zip(LEVEL_NAMES, preds, targets)):
+            if self.mfm_weights[i] == 0:
+                continue
+            maps[f"mfm_{name}"] = self._mfm_err(p.float(), t).mean(dim=(2, 3, 4))
+            with torch.no_grad():
+                const = t.mean(dim=0, keepdim=True).expand_as(t)
+                posonly[f"mfm_{name}"] = self._mfm_err(const, t).mean(dim=(2, 3, 4))
+        return maps, posonly
+
+    def mfm_weight_factor(self, it: int) -> float:
+        """The MFM warm-up: linear from 0 at iteration 0 to 1 at ``mfm_warmup_iters``."""
+        if self.mfm_warmup_iters <= 0:
+            return 1.0
+        return min(1.0, max(it, 0) / self.mfm_warmup_iters)
 
     def _iteration(self) -> int:
         storage = _current_storage()
@@ -314,8 +424,11 @@ class MaskedPretrainer(nn.Module):
             training: dict of scalar loss tensors only (detectron2 sums all values):
                 ``loss_mim`` (fused) or ``loss_mim_p2/p3/p4`` (per level), and
                 ``loss_mfm_p2/p3/p4`` (levels with non-zero weight). Each is the
-                weighted mean over masked units. ``mask_ratio`` and ``ema_momentum``
-                go to the active EventStorage.
+                weighted mean over masked units (MFM weights times the warm-up factor).
+                ``mask_ratio``, ``ema_momentum`` and the position-only meter
+                ``mfm_posonly_p2/p3/p4`` (same weights; every ``metrics_period`` iterations)
+                go to the active EventStorage only: logged, but neither summed into the
+                loss nor differentiated. (``skipped_images`` is logged by the trainer hook.)
             eval: dict of tensors for the reconstruction visualiser (masks are drawn
                 with a CPU generator seeded by ``eval_mask_seed``, so repeated calls agree):
                 "image": (B, 3, H, W) the input, 0-255 RGB (float);
@@ -350,18 +463,26 @@ class MaskedPretrainer(nn.Module):
                     self._ema_iter = it
             teacher_targets = self.teacher(images)
         out = self.predict(images, ids_keep)
-        maps = self.unit_losses(images, out, teacher_targets)
+        maps = self.unit_losses(images, out)
+        posonly = {}
+        if teacher_targets is not None:
+            mfm_maps, posonly = self.mfm_unit_losses(out["mfm"], teacher_targets)
+            maps.update(mfm_maps)
 
         m = mask.float()
         denom = m.sum().clamp(min=1.0)
+        mfm_factor = self.mfm_weight_factor(it)
         losses = {}
+        meter = {}
         for name, lmap in maps.items():
             if name == "mim":
                 w = float(self.mim_weights)
             elif name.startswith("mim_"):
                 w = self.mim_weights[LEVEL_NAMES.index(name[4:])]
             else:
-                w = self.mfm_weights[LEVEL_NAMES.index(name[4:])]
+                w = self.mfm_weights[LEVEL_NAMES.index(name[4:])] * mfm_factor
+                # the meter on the loss's own scale (same weight, same masked units)
+                meter[f"mfm_posonly_{name[4:]}"] = w * (posonly[name] * m).sum() / denom
             losses[f"loss_{name}"] = w * (lmap * m).sum() / denom
 
         self._local_iter += 1
@@ -373,7 +494,21 @@ class MaskedPretrainer(nn.Module):
             if momentum is not None:
                 scalars["ema_momentum"] = momentum
             storage.put_scalars(**scalars, smoothing_hint=False)
+        if storage is not None and meter and (it + 1) % max(1, self.metrics_period) == 0:
+            # Not returned: detectron2's trainer sums every returned value into the loss. Logged
+            # like the losses (all-process mean, smoothed over the logging window) so metrics.json
+            # compares mfm_posonly_* with loss_mfm_* on an equal footing.
+            self.log_meter(storage, meter)
         return losses
+
+    def log_meter(self, storage, meter: Dict[str, torch.Tensor]) -> None:
+        """Put the ``mfm_posonly_*`` meter (detached scalars) into ``storage``, averaged over processes."""
+        names = sorted(meter)
+        vals = torch.stack([meter[k].detach().float() for k in names])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(vals)
+            vals = vals / dist.get_world_size()
+        storage.put_scalars(**{k: float(v) for k, v in zip(names, vals.tolist())})
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> Dict[str, object]:

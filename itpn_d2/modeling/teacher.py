@@ -4,8 +4,17 @@ A teacher sees the FULL, unmasked image and returns one target per pyramid level
 in unit layout: [(B, N, 4, 4, T), (B, N, 2, 2, T), (B, N, 1, 1, T)] for strides
 4, 8, 16 (levels p2, p3, p4). The pre-trainer gathers them at masked units.
 
-``EMATeacher``: an exponential moving average of the online ``ITPNBackbone``
-(encoder + pyramid), targets = its pyramid levels (T = pyramid width).
+``EMATeacher``: an exponential moving average of the online ``ITPNBackbone``.
+Targets (``targets=``): ``"encoder"`` (default, the paper's) = the averaged
+*encoder's* stage features of the same stride, p2 <- f4, p3 <- f8, p4 <- f16
+(T = C/4, C/2, C); ``"pyramid"`` = the averaged pyramid's outputs (T = pyramid
+width), kept for comparison. The paper: "MFM computes intermediate targets by
+feeding the original image into a moving-averaged backbone, and uses the output
+of each pyramid stage to reconstruct these targets" (Tian et al., iTPN, CVPR 2023,
+Sec. 3.3). Pyramid outputs are a poor target: the absolute position embedding
+enters before the attention stage and the top-down path carries it into every
+level, so most of their energy is the same for every image (the pre-trainer's
+``mfm_posonly_*`` meter shows it).
 
 ``ExternalTeacher``: a frozen timm ViT (e.g. a CLIP ViT) loaded from a local
 weights file; its patch tokens (stride 14 or 16) are resized to each level's grid.
@@ -16,7 +25,7 @@ receive gradients; both stay in eval mode whatever ``.train()`` is called with.
 import copy
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -61,16 +70,25 @@ class EMATeacher(_FrozenTeacher):
     live in the model's state dict (``teacher.model.*``), so ``--resume`` restores them.
     """
 
-    def __init__(self, *, momentum: float = 0.996, end_momentum: float = 1.0, max_iter: int = 0):
+    TARGETS = ("encoder", "pyramid")
+
+    def __init__(
+        self, *, momentum: float = 0.996, end_momentum: float = 1.0, max_iter: int = 0, targets: str = "encoder"
+    ):
         """
         Args:
             momentum: momentum at iteration 0.
             end_momentum: momentum at ``max_iter`` (cosine in between).
             max_iter: schedule length (the training length); 0 keeps ``momentum`` constant.
+            targets: ``"encoder"`` (f4, f8, f16 of the averaged HiViT) or ``"pyramid"``
+                (p2, p3, p4 of the averaged pyramid); see the module docstring.
         """
         super().__init__()
         if not (0.0 <= momentum <= 1.0 and 0.0 <= end_momentum <= 1.0):
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum} -> {end_momentum}")
+        if targets not in self.TARGETS:
+            raise ValueError(f"EMATeacher.targets must be one of {self.TARGETS}, got {targets!r}")
+        self.targets = targets
         self.momentum = momentum
         self.end_momentum = end_momentum
         self.max_iter = max_iter
@@ -83,8 +101,11 @@ class EMATeacher(_FrozenTeacher):
         self._freeze(self.model)
 
     @property
-    def out_dim(self) -> int:
-        return self.model.pyramid.out_dim
+    def out_dims(self) -> Tuple[int, int, int]:
+        """Target width per level (p2, p3, p4)."""
+        if self.targets == "pyramid":
+            return (self.model.pyramid.out_dim,) * 3
+        return tuple(int(d) for d in self.model.net.stage_dims)
 
     def momentum_at(self, it: int) -> float:
         if self.max_iter <= 0:
@@ -108,9 +129,13 @@ class EMATeacher(_FrozenTeacher):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
-        """images: (B, 3, H, W) normalised as the student's input -> [p4, p8, p16] unit layout."""
-        p4, p8, p16 = self.model.forward_units(images)
-        return [p4, p8, p16]
+        """images: (B, 3, H, W) normalised as the student's input -> per level (p2, p3, p4), unit layout:
+        encoder targets [(B, N, 4, 4, C/4), (B, N, 2, 2, C/2), (B, N, 1, 1, C)];
+        pyramid targets [(B, N, 4, 4, D), (B, N, 2, 2, D), (B, N, 1, 1, D)]."""
+        if self.targets == "pyramid":
+            return list(self.model.forward_units(images))
+        f4, f8, f16 = self.model.net(images)
+        return [f4, f8, f16[:, :, None, None, :]]
 
 
 class ExternalTeacher(_FrozenTeacher):
@@ -184,6 +209,11 @@ class ExternalTeacher(_FrozenTeacher):
         self.register_buffer("t_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), False)
         ps = model.patch_embed.patch_size
         self.patch = (ps, ps) if isinstance(ps, int) else tuple(ps)
+
+    @property
+    def out_dims(self) -> Tuple[int, int, int]:
+        """Target width per level (p2, p3, p4): the same feature map resized to each stride."""
+        return (self.out_dim,) * 3
 
     @property
     def out_dim(self) -> int:

@@ -44,4 +44,7 @@ model = L(MaskedPretrainer)(
     mfm_weights=(1.0, 1.0, 1.0),
     norm_pix_loss=True,
     mfm_loss="smooth_l1",
+    mfm_target_norm="batch_token",
+    mfm_warmup_iters=0,
+    use_pyramid=True,
 )
