@@ -229,10 +229,15 @@ def test_grad_accumulation_equals_the_larger_batch(k):
 
 
 def test_grad_accumulation_with_the_pretrainer_and_ema_teacher():
-    """MIM + MFM with an EMA teacher: the teacher moves once per optimizer step, not per batch."""
+    """MIM + MFM with an EMA teacher: the teacher moves once per optimizer step, not per batch.
+
+    With per-token target normalisation: the default "batch_token" standardises MFM targets over
+    the images of each forward pass, so k accumulated batches normalise over B images each, not
+    over k*B (as BatchNorm under accumulation); the README says so."""
     images = smooth_images(8, seed=3).round().to(torch.uint8)
     samples = [{"image": im, "mask_seed": 100 + i} for i, im in enumerate(images)]
     big = tiny_pretrainer(mim="fused", mfm=True, momentum=0.9)
+    big.mfm_target_norm = "token"
     small = copy.deepcopy(big)
 
     def opt(m):
@@ -444,7 +449,8 @@ def test_grad_accumulation_through_the_cli_and_resume(tmp_path):
     datasets = tmp_path / "datasets"
     make_image_folder(datasets, n=10)
     env = env_for(datasets)
-    common = ["train.checkpointer.period=2", "train.max_iter=4"]
+    # per-token MFM target normalisation: "batch_token" normalises over each accumulated batch
+    common = ["train.checkpointer.period=2", "train.max_iter=4", "model.mfm_target_norm=token"]
     big = run(train_cmd(tmp_path / "big", *common, "dataloader.train.total_batch_size=4"), env)
     assert big.returncode == 0, big.stderr[-3000:]
     acc = [*common, "dataloader.train.total_batch_size=2", "train.grad_accum_steps=2"]
@@ -593,12 +599,12 @@ def test_grad_accumulation_with_two_ddp_processes(tmp_path):
     make_image_folder(datasets, n=10)
     env = env_for(datasets)
     one = run(train_cmd(tmp_path / "one", "train.max_iter=3", "train.checkpointer.period=100",
-                        "dataloader.train.total_batch_size=8"), env)
+                        "dataloader.train.total_batch_size=8", "model.mfm_target_norm=token"), env)
     assert one.returncode == 0, one.stderr[-3000:]
     url = f"file://{tmp_path / 'rendezvous'}"
     two = run(train_cmd(tmp_path / "two", "train.max_iter=3", "train.checkpointer.period=100",
                         "dataloader.train.total_batch_size=4", "train.grad_accum_steps=2",
-                        num_gpus=2, extra_args=["--dist-url", url]), env)
+                        "model.mfm_target_norm=token", num_gpus=2, extra_args=["--dist-url", url]), env)
     assert two.returncode == 0, two.stderr[-3000:]
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert m1[2]["lr"] > 0
