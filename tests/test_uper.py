@@ -53,7 +53,8 @@ def test_config_channels_follow_reference_for_base():
     cfg = LazyConfig.load(os.path.join(ROOT, "configs/common/models/uper_itpn.py"))
     shapes = instantiate(cfg.model.sem_seg_head.input_shape)
     levels = cfg.model.sem_seg_head.in_features
-    # REFERENCE.md: base levels are concat(pyramid, encoder) = 384, 512, 768, 768 channels.
+    # The release's UPerNet-B (sunsmarterjie/iTPN seg/configs/itpn/*.py, decode_head in_channels):
+    # levels are concat(pyramid, encoder) = 384, 512, 768, 768 channels.
     assert [sum(shapes[n].channels for n in g) for g in levels] == [384, 512, 768, 768]
     assert [shapes[g[0]].stride for g in levels] == [4, 8, 16, 32]
 

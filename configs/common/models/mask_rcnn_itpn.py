@@ -23,8 +23,9 @@ model.backbone = L(ITPNBackbone)(
         pretrain_img_size=224,
         use_act_checkpoint=False,
     ),
-    # depth 2, as in pixel pre-training: the official detection configs use 1 and silently drop
-    # block_*.1 of the pre-trained pyramid (REFERENCE.md finding 5); we load all of it.
+    # depth 2, as in pixel pre-training: the release's detection configs (sunsmarterjie/iTPN
+    # det/configs/itpn/*.py) build the pyramid with fpn_depth=1 and load the depth-2 pixel checkpoint
+    # non-strictly, so its second C-MLP per block is silently dropped; we load all of it.
     pyramid=L(FeaturePyramid)(embed_dim="${..net.embed_dim}", out_dim=256, depth=2),
     out_features=("p2", "p3", "p4", "p5", "p6"),
     square_pad=0,
