@@ -777,9 +777,6 @@ class ITPNCheckpointer(DetectionCheckpointer):
                 raise CheckpointFileError(f"unsupported query {queries} in the checkpoint name {parsed_url.geturl()}")
         return data
 
-    def _torch_load(self, f):
-        return self._load_file(f)
-
     def _load_model(self, checkpoint):
         fname = self._loading_file or "<checkpoint>"
         if not _has_itpn_backbone(self.model):

@@ -26,6 +26,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from itpn_d2.data.resumable import derive_seed
+from itpn_d2.engine.hooks import BatchCallbackLoader
 from itpn_d2.modeling.drop_path import DropPathStep, set_drop_path_step
 
 __all__ = ["DeterministicStepRNG"]
@@ -33,24 +34,6 @@ __all__ = ["DeterministicStepRNG"]
 logger = logging.getLogger(__name__)
 
 _GLOBAL_STREAM = 0x676C6F62  # separates the global-RNG seeds from other derived seeds
-
-
-class _SeedAfterBatch:
-    """Iterates ``loader``; after each batch, re-seeds the step (``hook.seed_step``)."""
-
-    def __init__(self, loader, hook: "DeterministicStepRNG"):
-        self.loader, self.hook = loader, hook
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.hook.seed_step()
-            yield batch
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
 
 
 class DeterministicStepRNG(HookBase):
@@ -71,7 +54,7 @@ class DeterministicStepRNG(HookBase):
         # Seed again once the step's batch is drawn: a DataLoader draws from torch's global
         # RNG when its iterator is made (the first step of every process, so the first step
         # after --resume too), which would shift the model's draws of that step.
-        self.trainer.data_loader = _SeedAfterBatch(self.trainer.data_loader, self)
+        self.trainer.data_loader = BatchCallbackLoader(self.trainer.data_loader, lambda batch: self.seed_step())
 
     def seed_step(self):
         it, rank = int(self.trainer.iter), comm.get_rank()

@@ -13,9 +13,30 @@ from PIL import Image
 
 from itpn_d2.utils.visualize_mim import load_eval_image, panels_from_model_output, stack_rows
 
-__all__ = ["ReconstructionVisualizer"]
+__all__ = ["ReconstructionVisualizer", "BatchCallbackLoader"]
 
 logger = logging.getLogger(__name__)
+
+
+class BatchCallbackLoader:
+    """Iterates ``loader`` and calls ``on_batch(batch)`` on each batch before the trainer gets it;
+    every other attribute (``dataset``, ``batch_size``, ...) is the loader's. Hooks install it
+    over ``trainer.data_loader`` in ``before_train`` (SimpleTrainer makes its iterator at the
+    first step, after that)."""
+
+    def __init__(self, loader, on_batch):
+        self.loader, self.on_batch = loader, on_batch
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.on_batch(batch)
+            yield batch
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
 
 
 def _unwrap(model):

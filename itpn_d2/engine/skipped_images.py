@@ -19,6 +19,8 @@ import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from itpn_d2.engine.hooks import BatchCallbackLoader
+
 __all__ = ["SkippedImagesMetric", "count_skipped"]
 
 
@@ -27,25 +29,6 @@ def count_skipped(batch) -> int:
     if not isinstance(batch, (list, tuple)):
         return 0
     return sum(int(d.get("skipped_images", 0)) for d in batch if isinstance(d, dict))
-
-
-class _CountingLoader:
-    """Iterates ``loader`` and adds each batch's skips to ``hook.pending``; other attributes
-    (``dataset``, ``batch_size``, ...) are the loader's."""
-
-    def __init__(self, loader, hook: "SkippedImagesMetric"):
-        self.loader, self.hook = loader, hook
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.hook.pending += count_skipped(batch)
-            yield batch
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
 
 
 class SkippedImagesMetric(HookBase):
@@ -59,7 +42,10 @@ class SkippedImagesMetric(HookBase):
 
     def before_train(self):
         # SimpleTrainer makes its iterator from ``data_loader`` at the first step, after this
-        self.trainer.data_loader = _CountingLoader(self.trainer.data_loader, self)
+        self.trainer.data_loader = BatchCallbackLoader(self.trainer.data_loader, self._count)
+
+    def _count(self, batch):
+        self.pending += count_skipped(batch)
 
     def after_step(self):
         if comm.get_world_size() > 1 and dist.is_initialized():
