@@ -88,6 +88,7 @@ class ConversionError(ValueError):
 
 
 def detect_source(sd: Dict[str, torch.Tensor]) -> str:
+    """``"official"``, ``"mmpretrain"`` or ``"itpn_d2"``: the layout a state dict's key names follow."""
     keys = list(sd)
     if any(k.startswith("backbone.net.") for k in keys):
         return "itpn_d2"
