@@ -14,6 +14,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "lazyconfig_train_net.py")
+PAUSED_WRITE = os.path.join(ROOT, "tests", "_paused_checkpoint_write.py")
 PRETRAIN_CFG = os.path.join(ROOT, "configs", "pretrain", "mim_mfm_itpn_tiny_cpu.py")
 IMG = 64
 
@@ -59,6 +60,12 @@ def train_cmd(out_dir, *opts: str, num_gpus: int = 1, resume: bool = False, extr
     if resume:
         cmd.append("--resume")
     return cmd + [*TINY_OVERRIDES, f"train.output_dir={out_dir}", *opts]
+
+
+def paused_write(cmd: List[str], name: str, marker) -> List[str]:
+    """``cmd`` (``python SCRIPT ARGS...``) run so that the write of checkpoint ``name`` (e.g.
+    ``model_0000005``) stops half-way and creates ``marker``: tests/_paused_checkpoint_write.py."""
+    return [cmd[0], PAUSED_WRITE, name, str(marker), *cmd[1:]]
 
 
 def run(cmd, env, timeout: float = 240) -> subprocess.CompletedProcess:

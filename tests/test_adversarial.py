@@ -23,13 +23,13 @@ from _train_cli import (
     kill_group,
     load_model,
     make_image_folder,
+    paused_write,
     run,
     start,
     train_cmd,
     wait_for,
 )
 from itpn_d2.checkpoint import (
-    PAUSE_WRITE_ENV,
     CheckpointFileError,
     CheckpointIntegrityError,
     CheckpointWriteError,
@@ -209,7 +209,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 
 def test_disk_full_is_one_clear_error(tmp_path, monkeypatch):
-    import itpn_d2.checkpoint as ckmod
+    import itpn_d2.checkpoint.atomic_save as ckmod
 
     real_fdopen = os.fdopen
 
@@ -264,7 +264,7 @@ def test_kill_while_model_final_is_written_then_resume_writes_it(tmp_path):
     out = tmp_path / "run"
     marker = tmp_path / "writing_final"
     opts = ["train.max_iter=4", "train.checkpointer.period=2", "dataloader.train.total_batch_size=2"]
-    proc = start(train_cmd(out, *opts), env_for(datasets, **{PAUSE_WRITE_ENV: f"model_final:{marker}"}),
+    proc = start(paused_write(train_cmd(out, *opts), "model_final", marker), env_for(datasets),
                  tmp_path / "first.log")
     wait_for(marker.exists, proc, what="the model_final write")
     kill_group(proc)

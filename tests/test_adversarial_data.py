@@ -33,12 +33,12 @@ from _train_cli import (
     make_image_folder,
     max_abs_diff,
     metrics,
+    paused_write,
     run,
     start,
     train_cmd,
     wait_for,
 )
-from itpn_d2.checkpoint import PAUSE_WRITE_ENV
 from itpn_d2.data.image_folder import load_image_folder
 from itpn_d2.data.mim_mapper import MIMDatasetMapper, read_rgb_image
 from itpn_d2.data.resumable import NoReadableImagesError, build_resumable_train_loader
@@ -111,8 +111,8 @@ def test_pretraining_with_drop_path_resumes_bit_identically(tmp_path):
 
     out = tmp_path / "killed"
     marker = tmp_path / "paused"
-    env = env_for(datasets, **{PAUSE_WRITE_ENV: f"model_0000005:{marker}"})
-    proc = start(train_cmd(out, *opts), env, tmp_path / "killed.log")
+    proc = start(paused_write(train_cmd(out, *opts), "model_0000005", marker), env_for(datasets),
+                 tmp_path / "killed.log")
     wait_for(marker.exists, proc, what="the paused write of model_0000005")
     kill_group(proc)
     assert (out / "last_checkpoint").read_text() == "model_0000002.pth"
@@ -401,7 +401,7 @@ def test_finetuning_resumes_bit_identically_and_logs_skipped_images(tmp_path):
 
     out = tmp_path / "killed"
     marker = tmp_path / "paused"
-    proc = start(_ft_cmd(cfg_file, out, *opts), env_for(tmp_path, **{PAUSE_WRITE_ENV: f"model_0000003:{marker}"}),
+    proc = start(paused_write(_ft_cmd(cfg_file, out, *opts), "model_0000003", marker), env_for(tmp_path),
                  tmp_path / "killed.log")
     wait_for(marker.exists, proc, timeout=600, what="the paused write of model_0000003")
     kill_group(proc)

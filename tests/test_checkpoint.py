@@ -1,4 +1,4 @@
-"""ITPNCheckpointer / load_pretrained: exact strict loading, refusals with key lists, safe file reading."""
+"""ITPNCheckpointer: exact strict loading, refusals with key lists, safe file reading."""
 import argparse
 import logging
 
@@ -11,7 +11,6 @@ from itpn_d2.checkpoint import (
     CheckpointFileError,
     ITPNCheckpointer,
     load_checkpoint_file,
-    load_pretrained,
 )
 from itpn_d2.modeling import FeaturePyramid, HiViT, ITPNBackbone, hivit_arch
 
@@ -45,6 +44,13 @@ class Pretrainer(nn.Module):
         self.teacher = nn.Linear(8, 8)
 
 
+def load_init_checkpoint(model, path, mode="strict"):
+    """``train.init_checkpoint`` loaded as tools/lazyconfig_train_net.py loads it (no --resume)."""
+    ck = ITPNCheckpointer(model, backbone_load=mode)
+    ck.resume_or_load(path, resume=False)
+    return ck.last_load_report
+
+
 class Custom:
     """An arbitrary class in a checkpoint (like mmengine's HistoryBuffer): refused unless allowed."""
 
@@ -71,7 +77,7 @@ def test_strict_load_every_backbone_tensor_equal(tmp_path, caplog):
     det = Detector(seed=5)
     head_before = det.head.weight.clone()
     with caplog.at_level(logging.INFO):
-        report = load_pretrained(det, path)
+        report = load_init_checkpoint(det, path)
     ref = pre.state_dict()
     n = 0
     for k, v in det.state_dict().items():
@@ -94,7 +100,7 @@ def test_missing_pyramid_block_refused_with_keys(tmp_path):
     _, path = _save_pretrain(tmp_path, fpn_depth=1)  # a depth-1 pyramid into a depth-2 model
     det = Detector(fpn_depth=2)
     with pytest.raises(BackboneLoadError) as e:
-        load_pretrained(det, path)
+        load_init_checkpoint(det, path)
     msg = str(e.value)
     assert path in msg
     assert "backbone.pyramid.block_16to8.1.mlp.fc1.weight" in msg
@@ -105,16 +111,16 @@ def test_deeper_pyramid_in_checkpoint_refused(tmp_path):
     # The reference silently dropped block_*.1 (finding 5); we refuse unless asked for "partial".
     _, path = _save_pretrain(tmp_path, fpn_depth=2)
     with pytest.raises(BackboneLoadError, match=r"block_16to8\.1"):
-        load_pretrained(Detector(fpn_depth=1), path)
+        load_init_checkpoint(Detector(fpn_depth=1), path)
     det = Detector(fpn_depth=1)
-    report = load_pretrained(det, path, mode="partial")
+    report = load_init_checkpoint(det, path, mode="partial")
     assert report["reinitialised"] == []
 
 
 def test_wrong_size_refused_listing_shapes(tmp_path):
     _, path = _save_pretrain(tmp_path, size="small", mlp_depths=(1, 1))
     with pytest.raises(BackboneLoadError) as e:
-        load_pretrained(Detector(size="tiny"), path)
+        load_init_checkpoint(Detector(size="tiny"), path)
     msg = str(e.value)
     # name, checkpoint shape, model shape
     assert "backbone.net.patch_embed.proj.weight: (96, 3, 4, 4) vs (48, 3, 4, 4)" in msg
@@ -127,14 +133,14 @@ def test_other_block_layout_refused(tmp_path):
     # a 2/2 (mmpretrain-like) file into a 1/1 model: indices shift, shapes differ -> refused
     _, path = _save_pretrain(tmp_path, mlp_depths=(2, 2))
     with pytest.raises(BackboneLoadError, match=r"backbone\.net\.blocks\.2\.reduction\.weight"):
-        load_pretrained(Detector(), path)
+        load_init_checkpoint(Detector(), path)
 
 
 def test_encoder_only_keeps_pyramid_init(tmp_path):
     pre, path = _save_pretrain(tmp_path, fpn_depth=1)
     det = Detector(fpn_depth=2, seed=7)
     pyr_before = {k: v.clone() for k, v in det.backbone.pyramid.state_dict().items()}
-    report = load_pretrained(det, path, mode="encoder_only")
+    report = load_init_checkpoint(det, path, mode="encoder_only")
     for k, v in det.backbone.net.state_dict().items():
         assert torch.equal(v, pre.backbone.net.state_dict()[k]), k
     for k, v in det.backbone.pyramid.state_dict().items():
@@ -144,7 +150,7 @@ def test_encoder_only_keeps_pyramid_init(tmp_path):
     # ... but the encoder is still checked strictly
     _, other = _save_pretrain(tmp_path, name="small.pth", size="small", mlp_depths=(1, 1))
     with pytest.raises(BackboneLoadError):
-        load_pretrained(Detector(), other, mode="encoder_only")
+        load_init_checkpoint(Detector(), other, mode="encoder_only")
 
 
 def test_no_matching_heuristics(tmp_path):
@@ -155,7 +161,7 @@ def test_no_matching_heuristics(tmp_path):
     path = str(tmp_path / "heur.pth")
     torch.save({"model": sd, "matching_heuristics": True}, path)
     with pytest.raises(BackboneLoadError, match="missing in the checkpoint"):
-        load_pretrained(Detector(), path)
+        load_init_checkpoint(Detector(), path)
 
 
 def test_module_prefix_and_bare_backbone(tmp_path):
@@ -164,7 +170,7 @@ def test_module_prefix_and_bare_backbone(tmp_path):
     path = str(tmp_path / "bare.pth")
     torch.save({"model": {"module." + k: v for k, v in pre.backbone.state_dict().items()}}, path)
     det = Detector(seed=3)
-    load_pretrained(det, path)
+    load_init_checkpoint(det, path)
     for k, v in det.backbone.state_dict().items():
         assert torch.equal(v, pre.backbone.state_dict()[k])
 
@@ -194,10 +200,10 @@ def test_weights_only_namespace_and_unsafe_flag(tmp_path, monkeypatch):
         load_checkpoint_file(path2)
     assert path2 in str(e.value) and "Custom" in str(e.value)
     with pytest.raises(CheckpointFileError):
-        load_pretrained(Detector(), path2)
+        load_init_checkpoint(Detector(), path2)
     assert isinstance(load_checkpoint_file(path2, allow_unsafe=True)["meta"], Custom)
     monkeypatch.setenv("ITPN_D2_ALLOW_UNSAFE_LOAD", "1")
-    load_pretrained(Detector(), path2)
+    load_init_checkpoint(Detector(), path2)
 
 
 def test_truncated_and_garbage_files(tmp_path):
@@ -206,7 +212,7 @@ def test_truncated_and_garbage_files(tmp_path):
     bad = tmp_path / "truncated.pth"
     bad.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointFileError, match="truncated.pth"):
-        load_pretrained(Detector(), str(bad))
+        load_init_checkpoint(Detector(), str(bad))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint" * 10)
     with pytest.raises(CheckpointFileError, match="junk.pth"):

@@ -1,4 +1,5 @@
-"""tools/convert_pretrained.py: official / mmpretrain layouts -> ours, checked by equal outputs."""
+"""itpn_d2.checkpoint.convert and tools/convert_pretrained.py: official / mmpretrain layouts -> ours,
+checked by equal outputs."""
 import argparse
 import importlib.util
 import os
@@ -7,13 +8,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from itpn_d2.checkpoint import BackboneLoadError, load_pretrained
+from itpn_d2.checkpoint import BackboneLoadError, ITPNCheckpointer
+from itpn_d2.checkpoint import convert as conv
 from itpn_d2.modeling import FeaturePyramid, HiViT, ITPNBackbone, hivit_arch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("convert_pretrained", os.path.join(ROOT, "tools", "convert_pretrained.py"))
-conv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(conv)
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+
+def load_init_checkpoint(model, path):
+    """Strict, as tools/lazyconfig_train_net.py loads ``train.init_checkpoint``."""
+    ITPNCheckpointer(model).resume_or_load(path, resume=False)
 
 
 def _source_model(mlp_depths=(1, 1), fpn_depth=2, rel_pos=False, layer_scale=None, img=224, seed=0):
@@ -73,7 +80,7 @@ def _fresh_from(path, info, seed=123):
             super().__init__()
             self.backbone = bb
 
-    load_pretrained(Holder(), path)  # strict
+    load_init_checkpoint(Holder(), path)  # strict
     return bb.eval()
 
 
@@ -147,20 +154,20 @@ def test_wrong_architecture_refused_with_keys(tmp_path):
     msg = str(e.value)
     assert "backbone.net.patch_embed.proj.weight: (48, 3, 4, 4) vs (96, 3, 4, 4)" in msg
     assert not os.path.exists(out)
-    assert conv.main([inp, out, "--size", "small"]) == 1
+    assert cli.main([inp, out, "--size", "small"]) == 1
     # converted fine, but a 2/2 file is refused by a 1/1 (official tiny) model
     info = conv.convert_file(inp, out)
     holder = nn.Module()
     holder.backbone = _source_model(mlp_depths=(1, 1))
     with pytest.raises(BackboneLoadError, match=r"backbone\.net\.blocks\.2\.reduction\.weight"):
-        load_pretrained(holder, out)
+        load_init_checkpoint(holder, out)
 
 
 def test_cli_and_unknown_layout(tmp_path, capsys):
     src = _source_model()
     inp, out = str(tmp_path / "src.pth"), str(tmp_path / "cli.pth")
     torch.save(to_official(src), inp)
-    assert conv.main([inp, out, "--size", "tiny"]) == 0
+    assert cli.main([inp, out, "--size", "tiny"]) == 0
     assert '"source": "official"' in capsys.readouterr().out
     bad = str(tmp_path / "bad.pth")
     torch.save({"model": {"foo.weight": torch.zeros(2)}}, bad)

@@ -26,12 +26,13 @@ from _train_cli import (
     make_image_folder,
     max_abs_diff,
     metrics,
+    paused_write,
     run,
     start,
     train_cmd,
     wait_for,
 )
-from itpn_d2.checkpoint import PAUSE_WRITE_ENV, ITPNCheckpointer, atomic_write
+from itpn_d2.checkpoint import ITPNCheckpointer, atomic_write
 
 MAX_ITER = 12
 PERIOD = 3  # checkpoints after iterations 2, 5, 8, 11 (+ model_final)
@@ -87,8 +88,8 @@ def test_sigkill_during_checkpoint_write_then_resume(reference, tmp_path):
     datasets, ref_out = reference
     out = tmp_path / "killed_in_write"
     marker = tmp_path / "paused"
-    env = env_for(datasets, **{PAUSE_WRITE_ENV: f"model_0000005:{marker}"})
-    proc = start(train_cmd(out, *OPTS), env, tmp_path / "write.log")
+    proc = start(paused_write(train_cmd(out, *OPTS), "model_0000005", marker), env_for(datasets),
+                 tmp_path / "write.log")
     wait_for(marker.exists, proc, what="the paused write of model_0000005")
     kill_group(proc)
 

@@ -25,7 +25,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from timm.layers import Mlp, trunc_normal_
 
 from .drop_path import DropPath
-from .pos_embed import get_2d_sincos_pos_embed, resize_pos_embed
+from .pos_embed import get_2d_sincos_pos_embed, resize_pos_embed, resize_rel_pos_table
 
 __all__ = [
     "PatchEmbed",
@@ -165,13 +165,7 @@ class Attention(nn.Module):
         any other way (``table[rel_index].movedim(-1, -3)``) the flash kernel is excluded and the
         memory-efficient one copies the bias in every block.
         """
-        table = self.relative_position_bias_table
-        gh, gw = self.rel_pos_grid
-        h, w = grid
-        if (h, w) != (gh, gw):
-            table = table.T.reshape(1, self.num_heads, 2 * gh - 1, 2 * gw - 1)
-            table = F.interpolate(table, size=(2 * h - 1, 2 * w - 1), mode="bicubic", align_corners=False)
-            table = table.reshape(self.num_heads, -1).T
+        table = resize_rel_pos_table(self.relative_position_bias_table, self.rel_pos_grid, grid)
         if dtype is None:
             dev = table.device.type
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else table.dtype

@@ -1,4 +1,4 @@
-"""Fixed 2-D sine-cosine position embeddings and their resizing."""
+"""Fixed 2-D sine-cosine position embeddings, and resizing of learnt absolute and relative position tables."""
 from typing import Tuple
 
 import torch
@@ -27,3 +27,19 @@ def resize_pos_embed(pos: torch.Tensor, src_grid: Tuple[int, int], dst_grid: Tup
     x = pos.reshape(1, src_grid[0], src_grid[1], C).permute(0, 3, 1, 2)
     x = F.interpolate(x.float(), size=tuple(dst_grid), mode="bicubic", align_corners=False).to(pos.dtype)
     return x.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], C)
+
+
+def resize_rel_pos_table(table: torch.Tensor, src_grid: Tuple[int, int], dst_grid: Tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of a ((2h-1)(2w-1), heads) relative position bias table from ``src_grid``
+    (h, w) to ``dst_grid``: the table is an image of relative offsets, one channel per head.
+
+    The attention blocks call it at run time for an input grid other than the pre-training one,
+    and the converter at conversion time, so both compute the same bias.
+    """
+    if tuple(src_grid) == tuple(dst_grid):
+        return table
+    heads = table.shape[1]
+    (sh, sw), (h, w) = src_grid, dst_grid
+    x = table.T.reshape(1, heads, 2 * sh - 1, 2 * sw - 1)
+    x = F.interpolate(x, size=(2 * h - 1, 2 * w - 1), mode="bicubic", align_corners=False)
+    return x.reshape(heads, -1).T

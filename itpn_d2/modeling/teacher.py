@@ -257,10 +257,10 @@ def _load_state(path: str) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
+    # imported here: itpn_d2.checkpoint imports the modeling package
+    from ..checkpoint import extract_state_dict
+
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if hasattr(obj, "state_dict") and not isinstance(obj, dict):  # a TorchScript CLIP model
         obj = obj.state_dict()
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    return obj
+    return extract_state_dict(obj, path)
