@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from itpn_d2.modeling import FeaturePyramid, HiViT, hivit_arch, map_to_units, units_to_map
 from itpn_d2.modeling.decoder import PixelDecoder
-from itpn_d2.modeling.hivit import Attention, AttentionBlock, PatchEmbed, PatchMerge
+from itpn_d2.modeling.hivit import PatchEmbed, PatchMerge
+from itpn_d2.modeling.layers import Attention, AttentionBlock
 from itpn_d2.modeling.pyramid import PatchSplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -370,7 +370,8 @@ def test_node_local_output_dir_is_refused(tmp_path, shared):
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
 def test_rel_pos_bias_is_contiguous_in_the_compute_dtype(batched, grid):
-    from itpn_d2.modeling.hivit import Attention, _relative_index
+    from itpn_d2.modeling.layers import Attention
+    from itpn_d2.modeling.layers import relative_position_index as _relative_index
 
     torch.manual_seed(0)
     attn = Attention(dim=32, num_heads=4, rel_pos_grid=(4, 4))

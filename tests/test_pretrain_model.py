@@ -14,7 +14,8 @@ from conftest import make_tiny_backbone
 from itpn_d2.modeling import hivit_arch
 from itpn_d2.modeling.decoder import LevelDecoder, PixelDecoder
 from itpn_d2.modeling.masking import BlockMaskGenerator, RandomMaskGenerator, mask_to_ids_keep, num_masked_units
-from itpn_d2.modeling.pretrainer import MaskedPretrainer, patchify_units
+from itpn_d2.modeling.pretrainer import MaskedPretrainer
+from itpn_d2.modeling.unit_layout import patchify_units
 from itpn_d2.modeling.teacher import EMATeacher, ExternalTeacher, cosine_momentum
 
 MEAN = [123.675, 116.28, 103.53]
@@ -329,14 +330,14 @@ def test_ema_encoder_targets_are_the_teacher_encoder_stages():
     with torch.no_grad():
         outs = model.teacher(x)
         f4, f8, f16 = model.teacher.model.net(x)
-        p4, p8, p16 = model.teacher.model.forward_units(x)
+        p4, p8, p16 = model.teacher.model.forward_units(x).pyramid
     C = model.backbone.net.embed_dim
     assert model.teacher.out_dims == (C // 4, C // 2, C) == model.mfm_decoder.out_dims
     assert [tuple(o.shape) for o in outs] == [(2, 16, 4, 4, C // 4), (2, 16, 2, 2, C // 2), (2, 16, 1, 1, C)]
     assert torch.equal(outs[0], f4) and torch.equal(outs[1], f8) and torch.equal(outs[2][:, :, 0, 0], f16)
     pyr = tiny_pretrainer(mim=None, mfm=True, targets="pyramid").eval()
     with torch.no_grad():
-        assert torch.equal(pyr.teacher(x)[2], pyr.teacher.model.forward_units(x)[2])
+        assert torch.equal(pyr.teacher(x)[2], pyr.teacher.model.forward_units(x).pyramid[2])
     assert pyr.teacher.out_dims == (D, D, D)
     with pytest.raises(ValueError, match="targets"):
         EMATeacher(targets="pixels")

@@ -10,13 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from itpn_d2.utils.visualize_mim import (
-    compose_reconstruction_panel,
-    denormalize_unit_predictions,
-    panels_from_model_output,
-    stack_rows,
-    units_to_image,
-)
+from itpn_d2.modeling.unit_layout import denormalize_unit_predictions, patchify_units, unpatchify_units
+from itpn_d2.utils.visualize_mim import compose_reconstruction_panel, panels_from_model_output, stack_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN = (123.675, 116.28, 103.53)
@@ -76,20 +71,34 @@ def test_panel_layout_and_exact_paste():
     assert stack_rows([panel, panel], gap=2).shape == (2 * H + 2, panel.shape[1], 3)
 
 
+def _normalize(image):
+    return (image - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def _to_image(pred, image, norm_pix=True):
+    """(N, 768) per-unit predictions in the loss's space -> (3, H, W) 0-255, as the model does it."""
+    x = _normalize(image)[None]
+    pred = pred.reshape(1, -1, 1, 1, pred.shape[-1])
+    if norm_pix:
+        pred = denormalize_unit_predictions(pred, x, 16)
+    grid = (image.shape[-2] // 16, image.shape[-1] // 16)
+    return unpatchify_units(pred, grid, 16)[0] * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+
+
 def test_denormalize_inverts_the_models_norm_pix_targets():
-    from itpn_d2.modeling.pretrainer import norm_targets, patchify_units
+    from itpn_d2.modeling.pretrainer import norm_targets
 
     image = _rand_image(2)
-    x = (image - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    x = _normalize(image)
     raw_units = patchify_units(x[None], 16, 1).flatten(1, 3)[0]  # (N, 768) as the model's targets
-    assert torch.equal(units_to_image(raw_units, (4, 6), 16), x)
+    assert torch.equal(unpatchify_units(raw_units.reshape(1, -1, 1, 1, 768), (4, 6), 16)[0], x)
     targets = norm_targets(raw_units)
-    rec = denormalize_unit_predictions(targets, image, unit=16, pixel_mean=MEAN, pixel_std=STD, norm_pix=True)
+    rec = _to_image(targets, image, norm_pix=True)
     assert torch.allclose(rec, image, atol=1e-3)
-    rec = denormalize_unit_predictions(raw_units, image, unit=16, pixel_mean=MEAN, pixel_std=STD, norm_pix=False)
+    rec = _to_image(raw_units, image, norm_pix=False)
     assert torch.allclose(rec, image, atol=1e-3)
     # a wrong prediction must not come back as the image
-    rec = denormalize_unit_predictions(torch.zeros_like(targets), image, pixel_mean=MEAN, pixel_std=STD)
+    rec = _to_image(torch.zeros_like(targets), image)
     assert not torch.allclose(rec, image, atol=1.0)
 
 
@@ -127,10 +136,9 @@ def test_panels_from_model_output(tiny_model):
     ids_keep, _ = tiny_model.make_mask(1, (4, 4), generator=gen)
     with torch.no_grad():
         pred = tiny_model.predict(x, ids_keep)["mim"][0]
-    rec = denormalize_unit_predictions(pred, images[0], pixel_mean=MEAN, pixel_std=STD, norm_pix=True)
+    rec = _to_image(pred, images[0], norm_pix=True)
     assert torch.allclose(rec, out["pred_pixels"][0], atol=1e-2)
-    per_image = [{"image": images[0], "mask": out["mask"][0].flatten(), "pred_pixels": pred}]
-    (p_list,) = panels_from_model_output(per_image, pixel_mean=MEAN, pixel_std=STD)
+    p_list = compose_reconstruction_panel(images[0], out["mask"][0].flatten(), rec)
     assert np.abs(p_list.astype(int) - panels[0].astype(int)).max() <= 1
 
 

@@ -105,13 +105,7 @@ def main(argv=None):
             continue
         with torch.no_grad():
             out = model([{"image": image.to(device)}])
-        (panel,) = panels_from_model_output(
-            out,
-            unit=getattr(model, "unit_size", 16),
-            pixel_mean=getattr(model, "pixel_mean", None),
-            pixel_std=getattr(model, "pixel_std", None),
-            norm_pix=getattr(model, "norm_pix_loss", True),
-        )
+        (panel,) = panels_from_model_output(out)
         dst = os.path.join(args.output, _output_name(f, args.input))
         Image.fromarray(panel).save(dst)
         written.append(dst)

@@ -27,6 +27,7 @@ from detectron2.utils.file_io import PathManager
 from fvcore.transforms.transform import CropTransform, TransformList
 from PIL import Image, ImageFile
 
+from ..modeling.levels import UNIT_SIZE
 from .skipped_files import SkippedFileCounter, printable
 
 __all__ = ["MIMDatasetMapper", "RandomResizedCrop", "read_rgb_image"]
@@ -193,7 +194,7 @@ class MIMDatasetMapper(SkippedFileCounter):
     ):
         """
         Args:
-            image_size: side of the square output crop; a multiple of 16 (the mask unit).
+            image_size: side of the square output crop; a multiple of the 16-pixel mask unit.
             scale, ratio: RandomResizedCrop ranges (paper: (0.2, 1.0), (3/4, 4/3)).
             hflip_prob: probability of a horizontal flip (0 disables it).
             color_jitter: brightness/contrast/saturation jitter strength as in
@@ -201,9 +202,9 @@ class MIMDatasetMapper(SkippedFileCounter):
             augmentations: replaces the crop + flip pipeline entirely when given
                 (its output must still be image_size x image_size).
         """
-        if image_size % 16 != 0:
+        if image_size % UNIT_SIZE != 0:
             raise ValueError(
-                f"MIMDatasetMapper: image_size={image_size} must be a multiple of the 16-pixel mask unit"
+                f"MIMDatasetMapper: image_size={image_size} must be a multiple of the {UNIT_SIZE}-pixel mask unit"
             )
         self.image_size = int(image_size)
         if augmentations is None:

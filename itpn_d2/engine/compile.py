@@ -10,10 +10,13 @@ Only the tensor-heavy submodules are compiled, each in place with ``nn.Module.co
   counter, detectron2's proposal sampling) that either breaks the graph or changes every
   step and would make dynamo recompile until it gives up.
 
-The default paths cover the backbone of every model here (``backbone.net`` and
-``backbone.pyramid``: the pre-trainer calls them directly, the detectors through
-``ITPNBackbone``), the pre-training decoders and the EMA teacher's backbone. Paths that a
-model does not have, or that are ``None`` (e.g. no MFM decoder), are skipped.
+The default paths cover the backbone of every model here, the pre-training decoders and
+the teacher. A module that knows better than its ``__call__`` what to compile says so with
+its own ``compile(**options)`` returning the names (relative to it) it compiled:
+``ITPNBackbone`` compiles its encoder and pyramid (pre-training enters it through
+``forward_units``, not ``__call__``), the EMA teacher its averaged backbone's, an external
+teacher nothing. Paths that a model does not have, or that are ``None`` (e.g. no MFM decoder),
+are skipped.
 """
 import logging
 from typing import Dict, List, Optional, Sequence
@@ -24,14 +27,7 @@ __all__ = ["DEFAULT_COMPILE_MODULES", "compile_modules", "maybe_compile"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_COMPILE_MODULES = (
-    "backbone.net",
-    "backbone.pyramid",
-    "pixel_decoder",
-    "mfm_decoder",
-    "teacher.model.net",  # the EMA teacher's copy of the backbone (an external teacher has neither)
-    "teacher.model.pyramid",
-)
+DEFAULT_COMPILE_MODULES = ("backbone", "pixel_decoder", "mfm_decoder", "teacher")
 
 
 def _lookup(model: nn.Module, path: str) -> Optional[object]:
@@ -47,25 +43,27 @@ def compile_modules(
     model: nn.Module, modules: Sequence[str] = DEFAULT_COMPILE_MODULES, **options
 ) -> List[str]:
     """Compile each submodule named by a dotted path in ``modules`` in place
-    (``nn.Module.compile(**options)``; ``options`` are ``torch.compile``'s: ``backend``,
-    ``mode``, ``dynamic``, ``fullgraph``...). Returns the paths compiled.
+    (``nn.Module.compile(**options)``, or the module's own ``compile`` override; ``options`` are
+    ``torch.compile``'s: ``backend``, ``mode``, ``dynamic``, ``fullgraph``...). Returns the dotted
+    paths of the modules compiled.
 
     Raises ValueError if none of the paths exists (a typo would otherwise silently leave the
     model eager), and TypeError if a path names something that is not a module.
     """
-    done = []
+    done, found = [], False
     for path in modules:
         sub = _lookup(model, path)
         if sub is None:
             continue
+        found = True
         if not isinstance(sub, nn.Module):
             raise TypeError(f"train.compile.modules: '{path}' is a {type(sub).__name__}, not an nn.Module")
-        sub.compile(**options)
-        done.append(path)
-    if not done:
+        inner = sub.compile(**options)  # nn.Module.compile returns None: the module itself
+        done += [f"{path}.{name}" for name in inner] if inner is not None else [path]
+    if not found:
         raise ValueError(
             f"train.compile.modules: none of {list(modules)} exists in {type(model).__name__}; "
-            "give dotted paths of its submodules (e.g. backbone.net)"
+            "give dotted paths of its submodules (e.g. backbone)"
         )
     return done
 

@@ -131,15 +131,7 @@ class ReconstructionVisualizer(HookBase):
                 out = model([{"image": im} for im in self._images])
         finally:
             model.train(was_training)
-        unit = getattr(model, "unit_size", 16)
-        panels = panels_from_model_output(
-            out,
-            unit=unit,
-            pixel_mean=getattr(model, "pixel_mean", None),
-            pixel_std=getattr(model, "pixel_std", None),
-            norm_pix=getattr(model, "norm_pix_loss", True),
-        )
-        return stack_rows(panels)
+        return stack_rows(panels_from_model_output(out))
 
     def write(self, iteration: int) -> Optional[str]:
         if not comm.is_main_process():

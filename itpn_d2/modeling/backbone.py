@@ -2,9 +2,12 @@
 
 This is the single module that pre-training, detection and segmentation all hold
 under the attribute ``backbone``; its state-dict keys (``net.*``, ``pyramid.*``)
-are therefore identical in every checkpoint we write.
+are therefore identical in every checkpoint we write. Detection and segmentation
+differ only in its parameters: how the levels past the pyramid are pooled and
+whether the encoder's own maps are output beside the pyramid's
+(:func:`itpn_d2.modeling.seg_backbone.ITPNSegBackbone`).
 """
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -12,20 +15,77 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from .hivit import HiViT, hivit_arch, units_to_map
+from .hivit import HiViT, hivit_arch
+from .levels import PYRAMID_LEVELS, UNIT_SIZE
 from .pyramid import FeaturePyramid
+from .unit_layout import units_to_map
 
-__all__ = ["ITPNBackbone"]
+__all__ = ["ITPNBackbone", "UnitFeatures", "itpn_output_shape"]
 
-_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+_POOLS = {"avg": F.avg_pool2d, "max": F.max_pool2d}
+
+
+class UnitFeatures(NamedTuple):
+    """Encoder and pyramid outputs of the (kept) units, levels in order p2, p3, p4.
+
+    encoder: HiViT's (c2, c3, c4): (B, N, 4, 4, C/4), (B, N, 2, 2, C/2), (B, N, C).
+    pyramid: (p2, p3, p4): (B, N, 4, 4, D), (B, N, 2, 2, D), (B, N, 1, 1, D), or None
+        when not computed.
+    """
+
+    encoder: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    pyramid: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _feature_table(pooled_levels: int, encoder_maps: bool) -> Dict[str, Tuple[int, Optional[str]]]:
+    """{output name: (stride, the name it is pooled from, or None)}, in output order.
+    Names follow detectron2: the stride-``2**i`` map of the pyramid is ``p<i>``, of the encoder ``c<i>``."""
+    table = {}
+    for kind in ("p", "c") if encoder_maps else ("p",):
+        name = None
+        for lv in PYRAMID_LEVELS:
+            name = lv.name if kind == "p" else lv.encoder_name
+            table[name] = (lv.stride, None)
+        stride = PYRAMID_LEVELS[-1].stride
+        for _ in range(pooled_levels):  # each a parameter-free 2x pooling of the level before
+            stride *= 2
+            pooled = f"{kind}{stride.bit_length() - 1}"
+            table[pooled] = (stride, name)
+            name = pooled
+    return table
+
+
+def itpn_output_shape(
+    *,
+    embed_dim: int,
+    out_dim: int,
+    out_features: Sequence[str],
+    pooled_levels: int = 2,
+    encoder_maps: bool = False,
+) -> Dict[str, ShapeSpec]:
+    """``ITPNBackbone.output_shape()`` from the sizes alone (a LazyConfig cannot call a method
+    of a module that is not built yet). Pyramid maps ``p*`` have ``out_dim`` channels, encoder
+    maps ``c2, c3, c4`` have C/4, C/2, C and the pooled ones C."""
+    table = _feature_table(pooled_levels, encoder_maps)
+    unknown = [f for f in out_features if f not in table]
+    if unknown:
+        raise ValueError(f"ITPNBackbone out_features: unknown {unknown}; choose from {list(table)}")
+    encoder_dims = dict(zip((lv.stride for lv in PYRAMID_LEVELS), (embed_dim // 4, embed_dim // 2, embed_dim)))
+    shapes = {}
+    for f in out_features:
+        stride = table[f][0]
+        channels = out_dim if f.startswith("p") else encoder_dims.get(stride, embed_dim)
+        shapes[f] = ShapeSpec(channels=channels, stride=stride)
+    return shapes
 
 
 @BACKBONE_REGISTRY.register()
 class ITPNBackbone(Backbone):
-    """Outputs ``p2..p6`` with ``pyramid.out_dim`` channels at strides 4..64.
+    """Outputs pyramid maps ``p2..p4`` (``pyramid.out_dim`` channels, strides 4, 8, 16), levels
+    past them (``p5``, ``p6``: 2x pooling of the level before), and optionally the encoder's
+    maps ``c2..c4`` (C/4, C/2, C channels) with their pooled levels (``c5``...).
 
-    p2/p3/p4 come from the pyramid; p5 and p6 are parameter-free 2x average
-    pooling of p4 and p5, as in the iTPN release.
+    Defaults are the detection backbone of the iTPN release: p2..p6, average pooling.
     """
 
     @configurable
@@ -36,34 +96,59 @@ class ITPNBackbone(Backbone):
         pyramid: FeaturePyramid,
         out_features: Sequence[str] = ("p2", "p3", "p4", "p5", "p6"),
         square_pad: int = 0,
+        pool: str = "avg",
+        pooled_levels: int = 2,
+        encoder_maps: bool = False,
     ):
         """
         Args:
             net: the HiViT encoder.
-            pyramid: the feature pyramid over ``net``'s stride 4/8/16 features.
-            out_features: subset of p2..p6 to return.
+            pyramid: the feature pyramid over ``net``'s c2/c3/c4.
+            out_features: the maps to return, a subset of the names the next arguments allow.
             square_pad: if > 0, inputs are padded to this square size (ViTDet style).
+            pool: ``"avg"`` or ``"max"``: the 2x pooling that makes each level past p4 (c4).
+            pooled_levels: how many levels past p4 there are (2: p5, p6).
+            encoder_maps: also offer the encoder's maps ``c2..`` (segmentation concatenates
+                them with the pyramid's).
         """
         super().__init__()
-        unknown = [f for f in out_features if f not in _STRIDES]
-        if unknown:
-            raise ValueError(f"ITPNBackbone out_features: unknown {unknown}; choose from {list(_STRIDES)}")
+        if pool not in _POOLS:
+            raise ValueError(f"ITPNBackbone pool must be one of {list(_POOLS)}, got {pool!r}")
         if tuple(pyramid.in_dims) != tuple(net.stage_dims):
             raise ValueError(f"pyramid.in_dims {pyramid.in_dims} do not match net.stage_dims {net.stage_dims}")
+        shapes = itpn_output_shape(
+            embed_dim=net.embed_dim,
+            out_dim=pyramid.out_dim,
+            out_features=out_features,
+            pooled_levels=pooled_levels,
+            encoder_maps=encoder_maps,
+        )
         self.net = net
         self.pyramid = pyramid
+        self._pool = _POOLS[pool]
+        table = _feature_table(pooled_levels, encoder_maps)
+        needed = set()
+        for f in out_features:
+            while f is not None and f not in needed:
+                needed.add(f)
+                f = table[f][1]
+        # (name, source) of the pooled maps to compute, each after its source
+        self._pooled = [(f, src) for f, (_, src) in table.items() if src is not None and f in needed]
+        self._with_pyramid = any(f.startswith("p") for f in needed)
+        self._with_encoder_maps = any(f.startswith("c") for f in needed)
         self._out_features = list(out_features)
-        self._out_feature_strides = {f: _STRIDES[f] for f in out_features}
-        self._out_feature_channels = {f: pyramid.out_dim for f in out_features}
+        self._out_feature_strides = {f: s.stride for f, s in shapes.items()}
+        self._out_feature_channels = {f: s.channels for f, s in shapes.items()}
         self._square_pad = square_pad
-        # p6 is p4 pooled twice: exact only if the padded input is a multiple of 64.
-        self._size_divisibility = max(max(self._out_feature_strides.values()), net.unit_size)
+        # A pooled level is exact only if the padded input is a multiple of its stride.
+        self._size_divisibility = max(max(self._out_feature_strides.values()), UNIT_SIZE)
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
         """For yacs configs (``MODEL.BACKBONE.NAME = "ITPNBackbone"``): reads
         ``MODEL.ITPN.{SIZE, LAYOUT, FPN_DIM, FPN_DEPTH, DROP_PATH_RATE}`` when present
-        (defaults base, official, 256, 2, 0.0; depth 2 is the pre-training depth). LazyConfig users pass modules directly."""
+        (defaults base, official, 256, 2, 0.0; depth 2 is the pre-training depth). LazyConfig users
+        pass modules directly."""
         itpn = cfg.MODEL.get("ITPN", None) or {}
         arch = hivit_arch(itpn.get("SIZE", "base"), itpn.get("LAYOUT", "official"))
         net = HiViT(**arch, in_chans=input_shape.channels, drop_path_rate=itpn.get("DROP_PATH_RATE", 0.0))
@@ -80,18 +165,42 @@ class ITPNBackbone(Backbone):
     def padding_constraints(self) -> Dict[str, int]:
         return {"size_divisibility": self._size_divisibility, "square_size": self._square_pad}
 
-    def forward_units(self, x: torch.Tensor, ids_keep: Optional[torch.Tensor] = None):
-        """The pyramid in unit layout (see ``FeaturePyramid.forward``), for pre-training."""
-        return self.pyramid(*self.net(x, ids_keep))
+    def compile(self, **options) -> List[str]:
+        """``torch.compile`` the encoder and the pyramid in place (``nn.Module.compile``) and
+        return their names. Not this module's own ``__call__``: pre-training enters through
+        :meth:`forward_units`, so only the children are on every path; in place, so the
+        parameter names (and checkpoints) stay those of the eager model."""
+        self.net.compile(**options)
+        self.pyramid.compile(**options)
+        return ["net", "pyramid"]
+
+    def forward_units(
+        self, x: torch.Tensor, ids_keep: Optional[torch.Tensor] = None, *, with_pyramid: bool = True
+    ) -> UnitFeatures:
+        """Encoder and pyramid in unit layout, for pre-training and the maps of :meth:`forward`.
+
+        Args:
+            x: (B, 3, H, W), H and W multiples of 16.
+            ids_keep: optional (B, N_vis) raster indices of the units to keep (see ``HiViT.forward``).
+            with_pyramid: False skips the pyramid (``pyramid`` is then None).
+        """
+        encoder = self.net(x, ids_keep)
+        return UnitFeatures(encoder, self.pyramid(*encoder) if with_pyramid else None)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """(B, 3, H, W) -> {name: (B, D, H/stride, W/stride)}; H, W multiples of 16 (64 for p6)."""
-        grid = (x.shape[-2] // self.net.unit_size, x.shape[-1] // self.net.unit_size)
-        p4, p8, p16 = self.forward_units(x)
-        maps = {"p2": units_to_map(p4, grid), "p3": units_to_map(p8, grid), "p4": units_to_map(p16, grid)}
-        if "p5" in self._out_features or "p6" in self._out_features:
-            maps["p5"] = F.avg_pool2d(maps["p4"], kernel_size=2, stride=2)
-            maps["p6"] = F.avg_pool2d(maps["p5"], kernel_size=2, stride=2)
+        """(B, 3, H, W) -> {name: (B, channels, H/stride, W/stride)}; H, W multiples of 16
+        (of the largest stride for the pooled levels)."""
+        grid = (x.shape[-2] // UNIT_SIZE, x.shape[-1] // UNIT_SIZE)
+        units = self.forward_units(x, with_pyramid=self._with_pyramid)
+        maps = {}
+        if self._with_pyramid:
+            maps.update({lv.name: units_to_map(p, grid) for lv, p in zip(PYRAMID_LEVELS, units.pyramid)})
+        if self._with_encoder_maps:
+            c2, c3, c4 = units.encoder
+            encoder = (c2, c3, c4[:, :, None, None, :])
+            maps.update({lv.encoder_name: units_to_map(c, grid) for lv, c in zip(PYRAMID_LEVELS, encoder)})
+        for name, source in self._pooled:
+            maps[name] = self._pool(maps[source], kernel_size=2, stride=2)
         return {f: maps[f] for f in self._out_features}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:

@@ -5,7 +5,7 @@ prediction at a masked unit has to come from a decoder that fills masked units
 with a mask token and lets them attend to the visible ones. Two decoders:
 
 ``PixelDecoder`` — the iTPN release's pixel decoder (fused levels).
-    For each level (strides 16, 8, 4) ``decoder_embed[l] = LN(D) + Linear(D -> E/k^2)``
+    For each level (p4, p3, p2: strides 16, 8, 4) ``decoder_embed[l] = LN(D) + Linear(D -> E/k^2)``
     with k = 1, 2, 4 tokens per unit side, so the k*k sub-tokens of a unit
     concatenate (raster order) into one E-dim vector; each level is padded with
     the shared ``mask_token`` at masked units, the three levels are summed, a fixed
@@ -32,15 +32,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .hivit import AttentionBlock, _init_weights, _layer_norm
+from .layers import AttentionBlock, init_weights, layer_norm
+from .levels import LEVELS_BY_STRIDE, PYRAMID_LEVELS, UNIT_SIZE
 from .pos_embed import get_2d_sincos_pos_embed
 
-__all__ = ["PixelDecoder", "LevelDecoder", "LEVEL_NAMES", "LEVEL_STRIDES"]
-
-# Pyramid order used by ITPNBackbone.forward_units: (p4, p8, p16) = strides (4, 8, 16),
-# named p2, p3, p4 as in detectron2.
-LEVEL_NAMES = ("p2", "p3", "p4")
-LEVEL_STRIDES = (4, 8, 16)
+__all__ = ["PixelDecoder", "LevelDecoder"]
 
 
 def _scatter_units(x: torch.Tensor, ids_keep: Optional[torch.Tensor], fill: torch.Tensor, n: int) -> torch.Tensor:
@@ -74,7 +70,7 @@ class _DecoderPos:
 def _level_embed(in_dim: int, dec_dim: int, k: int) -> nn.Sequential:
     if dec_dim % (k * k):
         raise ValueError(f"decoder dim {dec_dim} is not divisible by {k * k} sub-tokens per unit")
-    return nn.Sequential(_layer_norm(in_dim), nn.Linear(in_dim, dec_dim // (k * k)))
+    return nn.Sequential(layer_norm(in_dim), nn.Linear(in_dim, dec_dim // (k * k)))
 
 
 class PixelDecoder(nn.Module):
@@ -88,10 +84,9 @@ class PixelDecoder(nn.Module):
         depth: int = 8,
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
-        unit_size: int = 16,
         in_chans: int = 3,
         pretrain_img_size: int = 224,
-        levels: Sequence[int] = (16, 8, 4),
+        levels: Sequence[int] = tuple(lv.stride for lv in reversed(PYRAMID_LEVELS)),
     ):
         """
         Args:
@@ -99,31 +94,34 @@ class PixelDecoder(nn.Module):
                 e.g. the encoder's C).
             dec_dim: decoder width E (divisible by 16).
             depth: decoder blocks (8 official, 6 mmpretrain).
-            unit_size: pixels per unit side; predictions are unit_size^2 * in_chans per unit.
+            in_chans: predictions are 16 * 16 * in_chans values per unit.
             pretrain_img_size: grid of the stored ``decoder_pos_embed``.
             levels: strides read, a non-empty subset of (16, 8, 4) in that order (the
                 release's ``decoder_embed`` order); (16,) for the backbone-only baseline.
         """
         super().__init__()
         levels = tuple(int(s) for s in levels)
-        if not levels or any(s not in (16, 8, 4) for s in levels) or list(levels) != sorted(set(levels), reverse=True):
+        in_order = list(levels) == sorted(set(levels), reverse=True)
+        if not levels or any(s not in LEVELS_BY_STRIDE for s in levels) or not in_order:
             raise ValueError(
                 f"PixelDecoder.levels must be a non-empty subset of (16, 8, 4) in that order, got {levels}"
             )
         self.levels = levels
-        self.unit_size = unit_size
+        self.unit_size = UNIT_SIZE
         self.in_chans = in_chans
-        self.decoder_embed = nn.ModuleList([_level_embed(in_dim, dec_dim, 16 // s) for s in levels])
+        self.decoder_embed = nn.ModuleList(
+            [_level_embed(in_dim, dec_dim, LEVELS_BY_STRIDE[s].tokens_per_unit_side) for s in levels]
+        )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
-        g = pretrain_img_size // unit_size
+        g = pretrain_img_size // UNIT_SIZE
         self._pos = _DecoderPos(dec_dim, (g, g))
         self._pos.init_param(self)
         self.decoder_blocks = nn.ModuleList(
             [AttentionBlock(dim=dec_dim, num_heads=num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)]
         )
-        self.decoder_norm = _layer_norm(dec_dim)
-        self.decoder_pred = nn.Linear(dec_dim, unit_size * unit_size * in_chans)
-        self.apply(_init_weights)
+        self.decoder_norm = layer_norm(dec_dim)
+        self.decoder_pred = nn.Linear(dec_dim, UNIT_SIZE * UNIT_SIZE * in_chans)
+        self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(
@@ -134,16 +132,16 @@ class PixelDecoder(nn.Module):
     ) -> torch.Tensor:
         """
         Args:
-            feats: (p4, p8, p16) of the kept units: (B, N_vis, 4, 4, D), (B, N_vis, 2, 2, D),
-                (B, N_vis, 1, 1, D) (``ITPNBackbone.forward_units``); levels not in
+            feats: (p2, p3, p4) of the kept units: (B, N_vis, 4, 4, D), (B, N_vis, 2, 2, D),
+                (B, N_vis, 1, 1, D) (``ITPNBackbone.forward_units(...).pyramid``); levels not in
                 ``self.levels`` are ignored (may be None).
             ids_keep: (B, N_vis) raster indices of the kept units, or None if nothing is masked.
             grid: the unit grid (h, w), N = h * w.
         Returns:
-            (B, N, unit_size^2 * in_chans) pixel predictions for every unit, each unit's
+            (B, N, 16 * 16 * in_chans) pixel predictions for every unit, each unit's
             values in (row, col, channel) order.
         """
-        by_stride = dict(zip((4, 8, 16), feats))
+        by_stride = {lv.stride: f for lv, f in zip(PYRAMID_LEVELS, feats)}
         n = grid[0] * grid[1]
         x = None
         # decoder_embed order is strides 16, 8, 4 (the release's). The release pads each
@@ -174,7 +172,6 @@ class LevelDecoder(nn.Module):
         depth: int = 2,
         num_heads: int = 8,
         mlp_ratio: float = 4.0,
-        unit_size: int = 16,
         pretrain_img_size: int = 224,
     ):
         """
@@ -190,20 +187,20 @@ class LevelDecoder(nn.Module):
         if len(out_dims) != 3:
             raise ValueError(f"LevelDecoder.out_dims needs 3 entries (p2, p3, p4), got {out_dims}")
         self.out_dims = tuple(int(d) for d in out_dims)
-        self.ks = (4, 2, 1)  # tokens per unit side for p2, p3, p4
-        self.unit_size = unit_size
+        self.ks = tuple(lv.tokens_per_unit_side for lv in PYRAMID_LEVELS)
+        self.unit_size = UNIT_SIZE
         self.decoder_embed = nn.ModuleList([_level_embed(in_dim, dec_dim, k) for k in self.ks])
         self.mask_token = nn.Parameter(torch.zeros(3, dec_dim))
         self.level_embed = nn.Parameter(torch.zeros(3, dec_dim))
-        g = pretrain_img_size // unit_size
+        g = pretrain_img_size // UNIT_SIZE
         self._pos = _DecoderPos(dec_dim, (g, g))
         self._pos.init_param(self)
         self.decoder_blocks = nn.ModuleList(
             [AttentionBlock(dim=dec_dim, num_heads=num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)]
         )
-        self.decoder_norm = nn.ModuleList([_layer_norm(dec_dim) for _ in range(3)])
+        self.decoder_norm = nn.ModuleList([layer_norm(dec_dim) for _ in range(3)])
         self.decoder_pred = nn.ModuleList([nn.Linear(dec_dim, k * k * d) for k, d in zip(self.ks, self.out_dims)])
-        self.apply(_init_weights)
+        self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.normal_(self.level_embed, std=0.02)
 
@@ -215,7 +212,7 @@ class LevelDecoder(nn.Module):
     ) -> List[torch.Tensor]:
         """
         Args:
-            feats: (p4, p8, p16) of the kept units, as for ``PixelDecoder``.
+            feats: (p2, p3, p4) of the kept units, as for ``PixelDecoder``.
             ids_keep: (B, N_vis) kept raster indices, or None.
             grid: unit grid (h, w), N = h * w.
         Returns:

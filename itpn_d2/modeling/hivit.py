@@ -6,10 +6,11 @@ blocks, so no information ever crosses a unit boundary before the stride-16
 attention stage. That is what lets pre-training drop masked units *before* stage
 one (MAE-style) and still be exact: a visible token can never see a masked unit.
 
-Tensor layout used throughout ("unit layout"):
-    stride 4:  (B, N, 4, 4, C/4)
-    stride 8:  (B, N, 2, 2, C/2)
-    stride 16: (B, N, C)
+Outputs, one per pyramid level (:mod:`itpn_d2.modeling.levels`), in unit layout
+(:mod:`itpn_d2.modeling.unit_layout`):
+    c2, stride 4:  (B, N, 4, 4, C/4)
+    c3, stride 8:  (B, N, 2, 2, C/2)
+    c4, stride 16: (B, N, C)
 with N the number of (kept) units in raster order and the two inner dims the
 (row, column) of a token inside its unit.
 
@@ -22,25 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
-from timm.layers import Mlp, trunc_normal_
 
 from .drop_path import DropPath
-from .pos_embed import get_2d_sincos_pos_embed, resize_pos_embed, resize_rel_pos_table
+from .layers import AttentionBlock, MlpBlock, init_weights, layer_norm, relative_position_index
+from .levels import PYRAMID_LEVELS, UNIT_SIZE
+from .pos_embed import get_2d_sincos_pos_embed, resize_pos_embed
 
-__all__ = [
-    "PatchEmbed",
-    "MlpBlock",
-    "PatchMerge",
-    "Attention",
-    "AttentionBlock",
-    "HiViT",
-    "HIVIT_ARCHS",
-    "hivit_arch",
-]
-
-
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6)
+__all__ = ["PatchEmbed", "PatchMerge", "HiViT", "HIVIT_ARCHS", "hivit_arch"]
 
 
 class PatchEmbed(nn.Module):
@@ -55,14 +44,21 @@ class PatchEmbed(nn.Module):
     reach the projection). ``proj`` stays a ``Conv2d`` so weights and names are unchanged.
     """
 
-    def __init__(self, *, in_chans: int = 3, embed_dim: int = 128, unit_size: int = 16, inner: int = 4):
+    def __init__(
+        self,
+        *,
+        in_chans: int = 3,
+        embed_dim: int = 128,
+        unit_size: int = UNIT_SIZE,
+        inner: int = PYRAMID_LEVELS[0].tokens_per_unit_side,
+    ):
         super().__init__()
         self.unit_size = unit_size
         self.inner = inner
         stride = unit_size // inner
         self.patch_size = stride
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=stride, stride=stride)
-        self.norm = _layer_norm(embed_dim)
+        self.norm = layer_norm(embed_dim)
 
     def forward(self, x: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, C_in, H, W); ids_keep: optional (B, N_vis) kept unit indices (raster order).
@@ -79,40 +75,12 @@ class PatchEmbed(nn.Module):
         return self.norm(x)
 
 
-class MlpBlock(nn.Module):
-    """``x + DropPath(MLP(LN(x)))`` on the last dim; any leading shape.
-
-    Used for HiViT's stride-4/8 stages and, as the C-MLP, throughout the pyramid.
-    The attribute names (``norm2``, ``mlp``, ``gamma_2``) match the official checkpoints:
-    with layer-scale (the CLIP variant) the stem blocks carry ``gamma_2`` too, the
-    pyramid's C-MLPs never do.
-    """
-
-    def __init__(
-        self, *, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, layer_scale_init: Optional[float] = None
-    ):
-        super().__init__()
-        self.norm2 = _layer_norm(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.drop_path = DropPath(drop_path)  # no parameters: identity at 0, keys unchanged
-        if layer_scale_init is not None:
-            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
-        else:
-            self.gamma_2 = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mlp(self.norm2(x))
-        if self.gamma_2 is not None:
-            m = self.gamma_2 * m
-        return x + self.drop_path(m)
-
-
 class PatchMerge(nn.Module):
     """2x2 token merge inside each unit: (B, N, h, w, c) -> (B, N, h/2, w/2, 2c)."""
 
     def __init__(self, *, dim: int):
         super().__init__()
-        self.norm = _layer_norm(4 * dim)
+        self.norm = layer_norm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,118 +93,6 @@ class PatchMerge(nn.Module):
         x = x.permute(*range(n), n, n + 2, n + 3, n + 1, n + 4)  # (..., h/2, w/2, dc, dr, c)
         x = x.reshape(*lead, h // 2, w // 2, 4 * c)
         return self.reduction(self.norm(x))
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
-
-    With ``rel_pos_grid`` set, a Swin-style relative position bias table of
-    ``(2S-1)^2`` entries per head is learnt at the pre-training grid ``S x S`` and
-    resized bicubically for other grids.
-    """
-
-    def __init__(
-        self,
-        *,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        rel_pos_grid: Optional[Tuple[int, int]] = None,
-    ):
-        super().__init__()
-        assert dim % num_heads == 0, f"dim {dim} is not divisible by num_heads {num_heads}"
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.rel_pos_grid = tuple(rel_pos_grid) if rel_pos_grid else None
-        if self.rel_pos_grid:
-            gh, gw = self.rel_pos_grid
-            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * gh - 1) * (2 * gw - 1), num_heads))
-            trunc_normal_(self.relative_position_bias_table, std=0.02)
-
-    def rel_pos_bias(
-        self, rel_index: torch.Tensor, grid: Tuple[int, int], dtype: Optional[torch.dtype] = None
-    ) -> torch.Tensor:
-        """Bias for a ``grid``; ``rel_index`` (L, L) or (B, L, L) indexes a (2h-1)(2w-1) table.
-
-        Returns a contiguous (heads, L, L) or (B, heads, L, L) tensor in ``dtype`` (default: the
-        autocast dtype when autocast is on, else the table's). SDPA's flash / memory-efficient
-        kernels need the bias contiguous in its last dimension and in the query's dtype; built
-        any other way (``table[rel_index].movedim(-1, -3)``) the flash kernel is excluded and the
-        memory-efficient one copies the bias in every block.
-        """
-        table = resize_rel_pos_table(self.relative_position_bias_table, self.rel_pos_grid, grid)
-        if dtype is None:
-            dev = table.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else table.dtype
-        table_t = table.to(dtype).T.contiguous()  # (heads, T): the gather writes (heads, L, L) in place
-        L = rel_index.shape[-1]
-        if rel_index.dim() == 2:
-            return torch.index_select(table_t, 1, rel_index.reshape(-1)).view(self.num_heads, L, L)
-        B = rel_index.shape[0]
-        idx = rel_index.reshape(B, 1, L * L).expand(B, self.num_heads, L * L)
-        out = torch.gather(table_t.unsqueeze(0).expand(B, -1, -1), 2, idx)
-        return out.view(B, self.num_heads, L, L)
-
-    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, L, C); attn_bias: broadcastable to (B, heads, L, L) or None."""
-        B, L, C = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        if attn_bias is not None:
-            attn_bias = attn_bias.to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
-        return self.proj(x.transpose(1, 2).reshape(B, L, C))
-
-
-class AttentionBlock(nn.Module):
-    """Pre-LN transformer block on (B, L, C), optional layer-scale (``gamma_1``, ``gamma_2``)."""
-
-    def __init__(
-        self,
-        *,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_path: float = 0.0,
-        layer_scale_init: Optional[float] = None,
-        rel_pos_grid: Optional[Tuple[int, int]] = None,
-    ):
-        super().__init__()
-        self.norm1 = _layer_norm(dim)
-        self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid)
-        self.norm2 = _layer_norm(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.drop_path = DropPath(drop_path)  # no parameters: identity at 0, keys unchanged
-        if layer_scale_init is not None:
-            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
-            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
-        else:
-            self.gamma_1 = self.gamma_2 = None
-
-    def forward(self, x: torch.Tensor, rel_index: Optional[torch.Tensor] = None, grid=None) -> torch.Tensor:
-        bias = None
-        if rel_index is not None:
-            bias = self.attn.rel_pos_bias(rel_index, grid)
-            if bias.dim() == 3:  # shared by the batch
-                bias = bias.unsqueeze(0)
-        a = self.attn(self.norm1(x), bias)
-        if self.gamma_1 is not None:
-            a = self.gamma_1 * a
-        x = x + self.drop_path(a, branch=0)
-        m = self.mlp(self.norm2(x))
-        if self.gamma_2 is not None:
-            m = self.gamma_2 * m
-        return x + self.drop_path(m, branch=1)  # decided independently of the attention branch
-
-
-def _relative_index(h: int, w: int, device=None) -> torch.Tensor:
-    """(h*w, h*w) index into a (2h-1)*(2w-1) relative-position table."""
-    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, L)
-    rel = coords[:, :, None] - coords[:, None, :]
-    return (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
 
 
 # One table for every size and block layout. "official" is the iTPN release
@@ -288,7 +144,6 @@ class HiViT(nn.Module):
         drop_path_rate: float = 0.0,
         in_chans: int = 3,
         pretrain_img_size: int = 224,
-        unit_size: int = 16,
         pos_embed_trainable: bool = True,
         rel_pos: bool = False,
         layer_scale_init: Optional[float] = None,
@@ -314,29 +169,32 @@ class HiViT(nn.Module):
         self.embed_dim = embed_dim
         self.mlp_depths = (m1, m2)
         self.depth = depth
-        self.unit_size = unit_size
+        self.unit_size = UNIT_SIZE
         self.use_act_checkpoint = use_act_checkpoint
-        self.pretrain_grid = (pretrain_img_size // unit_size, pretrain_img_size // unit_size)
+        self.pretrain_grid = (pretrain_img_size // UNIT_SIZE, pretrain_img_size // UNIT_SIZE)
         self.stage_dims = (embed_dim // 4, embed_dim // 2, embed_dim)
 
-        self.patch_embed = PatchEmbed(in_chans=in_chans, embed_dim=embed_dim // 4, unit_size=unit_size)
+        self.patch_embed = PatchEmbed(in_chans=in_chans, embed_dim=embed_dim // 4)
         gh, gw = self.pretrain_grid
         pos = get_2d_sincos_pos_embed(embed_dim, gh, gw).unsqueeze(0)
         self.absolute_pos_embed = nn.Parameter(pos, requires_grad=pos_embed_trainable)
 
         n = m1 + m2 + depth
         dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear, as torch.linspace
-        c4, c8, c16 = self.stage_dims
+        c2_dim, c3_dim, c4_dim = self.stage_dims
         ls = layer_scale_init
-        blocks = [MlpBlock(dim=c4, mlp_ratio=stem_mlp_ratio, drop_path=dpr[i], layer_scale_init=ls) for i in range(m1)]
-        blocks.append(PatchMerge(dim=c4))
-        blocks += [
-            MlpBlock(dim=c8, mlp_ratio=stem_mlp_ratio, drop_path=dpr[m1 + i], layer_scale_init=ls) for i in range(m2)
+        blocks = [
+            MlpBlock(dim=c2_dim, mlp_ratio=stem_mlp_ratio, drop_path=dpr[i], layer_scale_init=ls) for i in range(m1)
         ]
-        blocks.append(PatchMerge(dim=c8))
+        blocks.append(PatchMerge(dim=c2_dim))
+        blocks += [
+            MlpBlock(dim=c3_dim, mlp_ratio=stem_mlp_ratio, drop_path=dpr[m1 + i], layer_scale_init=ls)
+            for i in range(m2)
+        ]
+        blocks.append(PatchMerge(dim=c3_dim))
         blocks += [
             AttentionBlock(
-                dim=c16,
+                dim=c4_dim,
                 num_heads=num_heads,
                 mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias,
@@ -350,12 +208,27 @@ class HiViT(nn.Module):
         for i, m in enumerate(m for m in self.blocks.modules() if isinstance(m, DropPath)):
             m.layer_id = i  # keys each block's per-sample decisions (itpn_d2.modeling.drop_path)
         self.rel_pos = rel_pos
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     @property
     def num_layers(self) -> int:
         """Length of ``blocks`` (MLP blocks, the two merges and the attention blocks)."""
         return len(self.blocks)
+
+    @property
+    def attention_blocks(self) -> nn.ModuleList:
+        """The ``depth`` attention blocks of the stride-16 stage (the tail of ``blocks``)."""
+        m1, m2 = self.mlp_depths
+        return self.blocks[m1 + m2 + 2 :]
+
+    def zero_rel_pos_tables(self, grid: int) -> None:
+        """Give every attention block a zero relative position bias table for a ``grid x grid``
+        unit grid (needs ``rel_pos=True``). Zero is the identity of attention: fine-tuning
+        starts from the features of an encoder pre-trained without the bias."""
+        if not self.rel_pos:
+            raise ValueError("HiViT.zero_rel_pos_tables needs rel_pos=True")
+        for blk in self.attention_blocks:
+            blk.attn.zero_rel_pos_table(grid)
 
     def _run(self, blk, *args):
         if self.use_act_checkpoint and self.training and torch.is_grad_enabled():
@@ -371,14 +244,14 @@ class HiViT(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
-            x: (B, 3, H, W), H and W multiples of 16.
+            x: (B, 3, H, W), H and W multiples of 16 (``UNIT_SIZE``).
             ids_keep: optional (B, N_vis) long indices (raster order over the
                 (H/16, W/16) unit grid) of the units to keep. Every other unit is
                 dropped before the first block, so nothing of it reaches any output.
         Returns:
-            f4: (B, N', 4, 4, C/4) stage-1 output (stride 4)
-            f8: (B, N', 2, 2, C/2) stage-2 output before the second merge (stride 8)
-            f16: (B, N', C) last attention block output (stride 16)
+            c2: (B, N', 4, 4, C/4) stage-1 output (stride 4)
+            c3: (B, N', 2, 2, C/2) stage-2 output before the second merge (stride 8)
+            c4: (B, N', C) last attention block output (stride 16)
             with N' = N_vis if ids_keep is given else H/16 * W/16.
         """
         B, _, H, W = x.shape
@@ -391,11 +264,11 @@ class HiViT(nn.Module):
         m1, m2 = self.mlp_depths
         for blk in self.blocks[:m1]:
             x = self._run(blk, x)
-        f4 = x
+        c2 = x
         x = self.blocks[m1](x)
         for blk in self.blocks[m1 + 1 : m1 + 1 + m2]:
             x = self._run(blk, x)
-        f8 = x
+        c3 = x
         x = self.blocks[m1 + 1 + m2](x)[..., 0, 0, :]  # (B, N', C)
 
         pos = self.pos_embed_for(grid)
@@ -405,44 +278,9 @@ class HiViT(nn.Module):
 
         rel_index = None
         if self.rel_pos:
-            rel_index = _relative_index(*grid, device=x.device)
+            rel_index = relative_position_index(*grid, device=x.device)
             if ids_keep is not None:
                 rel_index = rel_index[ids_keep[:, :, None], ids_keep[:, None, :]]  # (B, L, L)
-        for blk in self.blocks[m1 + m2 + 2 :]:
+        for blk in self.attention_blocks:
             x = self._run(blk, x, rel_index, grid)
-        return f4, f8, x
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        # As MAE: treat the patch projection like a Linear layer.
-        nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
-def units_to_map(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """Unit layout (B, h*w, s, s, C) -> image-shaped map (B, C, h*s, w*s)."""
-    B, N, s1, s2, C = x.shape
-    h, w = grid
-    assert N == h * w, f"{N} units do not fill a {h}x{w} grid"
-    return x.view(B, h, w, s1, s2, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * s1, w * s2)
-
-
-def map_to_units(x: torch.Tensor, inner: int) -> torch.Tensor:
-    """Image-shaped map (B, C, h*s, w*s) -> unit layout (B, h*w, s, s, C) with s = ``inner``."""
-    B, C, H, W = x.shape
-    h, w = H // inner, W // inner
-    return x.view(B, C, h, inner, w, inner).permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, inner, inner, C)
-
-
-def grid_of(image_hw: Tuple[int, int], unit_size: int = 16) -> Tuple[int, int]:
-    return (image_hw[0] // unit_size, image_hw[1] // unit_size)
-
+        return c2, c3, x

@@ -11,11 +11,11 @@ The model holds the detector's very backbone class under ``backbone`` (HiViT ``n
 One training step:
     1. images (0-255 RGB) -> normalised; units masked by ``mask_generator`` (exact,
        equal counts per sample); masked units are DROPPED before HiViT's first block.
-    2. the backbone gives the visible units' pyramid (p4, p8, p16 in unit layout).
+    2. the backbone gives the visible units' pyramid (p2, p3, p4 in unit layout).
     3. MIM: the pixel decoder predicts every unit; loss on masked units only
        (normalised pixels per unit, or per level token in per-level mode).
     4. MFM: the teacher (full image, no grad) gives per-level targets (by default the EMA
-       encoder's f4/f8/f16 for p2/p3/p4); each (position, channel) is standardised over the
+       encoder's c2/c3/c4 for p2/p3/p4); each (position, channel) is standardised over the
        images of the batch, which removes what is the same for every image, then each token
        by a non-affine LayerNorm; the MFM decoder predicts them; loss on masked units only.
        Beside each ``loss_mfm_*`` the meter ``mfm_posonly_*`` (the loss of the best
@@ -35,11 +35,13 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 
 from .backbone import ITPNBackbone
-from .decoder import LEVEL_NAMES, LEVEL_STRIDES, LevelDecoder, PixelDecoder
+from .decoder import LevelDecoder, PixelDecoder
+from .levels import LEVEL_NAMES, PYRAMID_LEVELS, UNIT_SIZE
 from .masking import mask_from_seed, num_masked_units
 from .teacher import EMATeacher
+from .unit_layout import denormalize_unit_predictions, patchify_units, unpatchify_units
 
-__all__ = ["MaskedPretrainer", "patchify_units", "norm_targets", "norm_over_batch"]
+__all__ = ["MaskedPretrainer", "norm_targets", "norm_over_batch"]
 
 
 def _current_storage():
@@ -47,17 +49,6 @@ def _current_storage():
         return get_event_storage()
     except AssertionError:  # no EventStorage active (plain scripts, tests)
         return None
-
-
-def patchify_units(images: torch.Tensor, unit_size: int, k: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, k, k, s*s*C) with s = unit_size // k: each unit's k x k tokens,
-    each token's pixels in (row, col, channel) order. k = 1 gives MAE's (B, N, 1, 1, 16*16*C)."""
-    B, C, H, W = images.shape
-    s = unit_size // k
-    h, w = H // unit_size, W // unit_size
-    x = images.reshape(B, C, h, k, s, w, k, s)
-    x = x.permute(0, 2, 5, 3, 6, 4, 7, 1)  # B, h, w, k(row), k(col), s(row), s(col), C
-    return x.reshape(B, h * w, k, k, s * s * C)
 
 
 def norm_targets(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -170,7 +161,8 @@ class MaskedPretrainer(nn.Module):
         if not use_pyramid:
             if mfm_decoder is not None:
                 raise ValueError("MaskedPretrainer: use_pyramid=False (backbone only) cannot have an mfm_decoder")
-            if not isinstance(pixel_decoder, PixelDecoder) or tuple(pixel_decoder.levels) != (16,):
+            top_stride_only = (PYRAMID_LEVELS[-1].stride,)
+            if not isinstance(pixel_decoder, PixelDecoder) or tuple(pixel_decoder.levels) != top_stride_only:
                 raise ValueError(
                     "MaskedPretrainer: use_pyramid=False needs pixel_decoder=PixelDecoder(levels=(16,), "
                     "in_dim=<encoder width>), which reads the encoder's stride-16 output"
@@ -183,7 +175,7 @@ class MaskedPretrainer(nn.Module):
         self.teacher = teacher
         self.mask_generator = mask_generator
         self.mask_ratio = mask_ratio
-        self.unit_size = backbone.net.unit_size
+        self.unit_size = UNIT_SIZE
         self.norm_pix_loss = norm_pix_loss
         self.mfm_loss = mfm_loss
         self.mfm_target_norm = mfm_target_norm
@@ -195,7 +187,7 @@ class MaskedPretrainer(nn.Module):
 
         self.per_level_mim = isinstance(pixel_decoder, LevelDecoder)
         if self.per_level_mim:
-            want = tuple((s * s * 3) for s in LEVEL_STRIDES)
+            want = tuple((lv.stride * lv.stride * 3) for lv in PYRAMID_LEVELS)
             if tuple(pixel_decoder.out_dims) != want:
                 raise ValueError(f"per-level pixel_decoder.out_dims must be {want}, got {pixel_decoder.out_dims}")
             # LazyConfig hands lists over as ListConfig: test for a number, not for list/tuple.
@@ -320,18 +312,16 @@ class MaskedPretrainer(nn.Module):
             images: (B, 3, H, W) normalised.
             ids_keep: (B, N_vis) kept unit indices (sorted raster order).
         Returns a dict:
-            "encoder": (f4, f8, f16) HiViT outputs of the kept units,
-            "pyramid": (p4, p8, p16) pyramid of the kept units ((None, None, f16) with
+            "encoder": (c2, c3, c4) HiViT outputs of the kept units,
+            "pyramid": (p2, p3, p4) pyramid of the kept units ((None, None, c4) with
                 ``use_pyramid=False``),
             "mim": (B, N, 768) fused pixel prediction, or [p2, p3, p4] per-level predictions
                 (B, N, k, k, s*s*3), or None,
             "mfm": [p2, p3, p4] (B, N, k, k, T) teacher-feature predictions, or None.
         """
         grid = (images.shape[-2] // self.unit_size, images.shape[-1] // self.unit_size)
-        enc = self.backbone.net(images, ids_keep)
-        if self.use_pyramid:
-            pyr = self.backbone.pyramid(*enc)
-        else:  # backbone only: the decoder reads f16 (PixelDecoder(levels=(16,)))
+        enc, pyr = self.backbone.forward_units(images, ids_keep, with_pyramid=self.use_pyramid)
+        if not self.use_pyramid:  # backbone only: the decoder reads c4 (PixelDecoder(levels=(16,)))
             pyr = (None, None, enc[2][:, :, None, None, :])
         mim = self.pixel_decoder(pyr, ids_keep, grid) if self.pixel_decoder is not None else None
         mfm = self.mfm_decoder(pyr, ids_keep, grid) if self.mfm_decoder is not None else None
@@ -340,7 +330,7 @@ class MaskedPretrainer(nn.Module):
     def pixel_targets(self, images: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         """Fused: (B, N, 768); per level: [(B, N, 4, 4, 48), (B, N, 2, 2, 192), (B, N, 1, 1, 768)]."""
         if self.per_level_mim:
-            ts = [patchify_units(images, self.unit_size, 16 // s) for s in LEVEL_STRIDES]
+            ts = [patchify_units(images, self.unit_size, lv.tokens_per_unit_side) for lv in PYRAMID_LEVELS]
             return [norm_targets(t) for t in ts] if self.norm_pix_loss else ts
         t = patchify_units(images, self.unit_size, 1).flatten(1, 3)
         return norm_targets(t) if self.norm_pix_loss else t
@@ -527,28 +517,22 @@ class MaskedPretrainer(nn.Module):
 
         if self.per_level_mim:
             levels = {
-                n: self.prediction_to_image(p.float(), images, 16 // s)
-                for n, p, s in zip(LEVEL_NAMES, out["mim"], LEVEL_STRIDES)
+                lv.name: self.prediction_to_image(p.float(), images, lv.tokens_per_unit_side)
+                for lv, p in zip(PYRAMID_LEVELS, out["mim"])
             }
             result["pred_pixels_levels"] = levels
-            result["pred_pixels"] = levels["p2"]
+            result["pred_pixels"] = levels[PYRAMID_LEVELS[0].name]  # the finest level
         else:
-            pred = out["mim"].float().reshape(B, -1, 1, 1, u * u * 3)
-            result["pred_pixels"] = self.prediction_to_image(pred, images, 1)
+            result["pred_pixels"] = self.prediction_to_image(out["mim"].float(), images, 1)
         return result
 
     def prediction_to_image(self, pred: torch.Tensor, images: torch.Tensor, k: int) -> torch.Tensor:
-        """Pixel predictions (B, N, k, k, s*s*3), s = unit_size / k, in the loss's space -> (B, 3, H, W)
-        0-255 RGB. With norm-pix loss each token is de-normalised with the mean/std of the same
-        token of ``images`` (normalised input), as MAE's visualisation does."""
-        B, _, H, W = images.shape
+        """Pixel predictions (B, N, k, k, s*s*3) (or (B, N, k*k*s*s*3)), s = unit_size / k, in the loss's
+        space -> (B, 3, H, W) 0-255 RGB. With norm-pix loss each token is de-normalised with the
+        mean/std of the same token of ``images`` (normalised input), as MAE's visualisation does."""
         u = self.unit_size
-        s = u // k
-        gh, gw = H // u, W // u
+        pred = pred.reshape(pred.shape[0], pred.shape[1], k, k, -1)
         if self.norm_pix_loss:
-            t = patchify_units(images, u, k)
-            mean = t.mean(-1, keepdim=True)
-            std = (t.var(-1, keepdim=True, unbiased=False) + 1e-6) ** 0.5
-            pred = pred * std + mean
-        x = pred.reshape(B, gh, gw, k, k, s, s, 3).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(B, 3, H, W)
+            pred = denormalize_unit_predictions(pred, images, u)
+        x = unpatchify_units(pred, (images.shape[-2] // u, images.shape[-1] // u), u)
         return x * self.pixel_std + self.pixel_mean

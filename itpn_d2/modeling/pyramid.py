@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
-from .hivit import MlpBlock, _init_weights, _layer_norm
+from .layers import MlpBlock, init_weights, layer_norm
 
 __all__ = ["PatchSplit", "FeaturePyramid"]
 
@@ -28,7 +28,7 @@ class PatchSplit(nn.Module):
     def __init__(self, *, dim: int, out_dim: int):
         super().__init__()
         self.out_dim = out_dim
-        self.norm = _layer_norm(dim)
+        self.norm = layer_norm(dim)
         self.reduction = nn.Linear(dim, 4 * out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,12 +40,13 @@ class PatchSplit(nn.Module):
 
 
 class FeaturePyramid(nn.Module):
-    """Top-down fusion of HiViT's stride 4/8/16 features into ``out_dim`` channels.
+    """Top-down fusion of HiViT's c2/c3/c4 (strides 4/8/16) into ``out_dim`` channels.
 
-    P16 = Linear(f16)
-    P8  = C-MLPs(PatchSplit(P16) + Linear(f8))
-    P4  = C-MLPs(PatchSplit(P8) + Linear(f4))
-    then one more C-MLP per level (``fpn_modules[0..2]`` for strides 16, 8, 4).
+    p4 = Linear(c4)
+    p3 = C-MLPs(PatchSplit(c4) + Linear(c3))
+    p2 = C-MLPs(PatchSplit(p3) + Linear(c2))
+    then one more C-MLP per level (``fpn_modules[0..2]`` for p4, p3, p2). The parameter
+    names count strides (``16to8``: from stride 16 to stride 8), as in the release.
     """
 
     def __init__(self, *, embed_dim: int = 512, out_dim: int = 256, depth: int = 2, mlp_ratio: float = 4.0):
@@ -59,37 +60,38 @@ class FeaturePyramid(nn.Module):
             mlp_ratio: hidden width of the C-MLPs relative to ``out_dim``.
         """
         super().__init__()
-        c4, c8, c16 = embed_dim // 4, embed_dim // 2, embed_dim
-        self.in_dims = (c4, c8, c16)
+        c2_dim, c3_dim, c4_dim = embed_dim // 4, embed_dim // 2, embed_dim
+        self.in_dims = (c2_dim, c3_dim, c4_dim)
         self.out_dim = out_dim
         self.depth = depth
 
         def cmlps(n):
             return nn.Sequential(*[MlpBlock(dim=out_dim, mlp_ratio=mlp_ratio) for _ in range(n)])
 
-        self.align_dim_16tofpn = nn.Linear(c16, out_dim)
-        self.split_16to8 = PatchSplit(dim=c16, out_dim=out_dim)
-        self.align_dim_16to8 = nn.Linear(c8, out_dim, bias=False)
+        self.align_dim_16tofpn = nn.Linear(c4_dim, out_dim)
+        self.split_16to8 = PatchSplit(dim=c4_dim, out_dim=out_dim)
+        self.align_dim_16to8 = nn.Linear(c3_dim, out_dim, bias=False)
         self.block_16to8 = cmlps(depth)
         self.split_8to4 = PatchSplit(dim=out_dim, out_dim=out_dim)
-        self.align_dim_8to4 = nn.Linear(c4, out_dim, bias=False)
+        self.align_dim_8to4 = nn.Linear(c2_dim, out_dim, bias=False)
         self.block_8to4 = cmlps(depth)
         self.fpn_modules = nn.ModuleList([MlpBlock(dim=out_dim, mlp_ratio=mlp_ratio) for _ in range(3)])
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(
-        self, f4: torch.Tensor, f8: torch.Tensor, f16: torch.Tensor
+        self, c2: torch.Tensor, c3: torch.Tensor, c4: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
-            f4: (B, N, 4, 4, C/4), f8: (B, N, 2, 2, C/2), f16: (B, N, C) from HiViT.
+            c2: (B, N, 4, 4, C/4), c3: (B, N, 2, 2, C/2), c4: (B, N, C) from HiViT.
         Returns:
-            (p4, p8, p16): (B, N, 4, 4, D), (B, N, 2, 2, D), (B, N, 1, 1, D).
+            (p2, p3, p4): (B, N, 4, 4, D), (B, N, 2, 2, D), (B, N, 1, 1, D).
         """
-        x16 = self.align_dim_16tofpn(f16[:, :, None, None, :])
-        x8 = self.block_16to8(self.split_16to8(f16[:, :, None, None, :]) + self.align_dim_16to8(f8))
-        x4 = self.block_8to4(self.split_8to4(x8) + self.align_dim_8to4(f4))
-        p16 = self.fpn_modules[0](x16)
-        p8 = self.fpn_modules[1](x8)
-        p4 = self.fpn_modules[2](x4)
-        return p4, p8, p16
+        c4 = c4[:, :, None, None, :]
+        fused_p4 = self.align_dim_16tofpn(c4)
+        fused_p3 = self.block_16to8(self.split_16to8(c4) + self.align_dim_16to8(c3))
+        fused_p2 = self.block_8to4(self.split_8to4(fused_p3) + self.align_dim_8to4(c2))
+        p4 = self.fpn_modules[0](fused_p4)
+        p3 = self.fpn_modules[1](fused_p3)
+        p2 = self.fpn_modules[2](fused_p2)
+        return p2, p3, p4

@@ -1,12 +1,12 @@
 """Teachers for masked feature modelling (MFM).
 
 A teacher sees the FULL, unmasked image and returns one target per pyramid level
-in unit layout: [(B, N, 4, 4, T), (B, N, 2, 2, T), (B, N, 1, 1, T)] for strides
-4, 8, 16 (levels p2, p3, p4). The pre-trainer gathers them at masked units.
+in unit layout: [(B, N, 4, 4, T), (B, N, 2, 2, T), (B, N, 1, 1, T)] for levels
+p2, p3, p4 (strides 4, 8, 16). The pre-trainer gathers them at masked units.
 
 ``EMATeacher``: an exponential moving average of the online ``ITPNBackbone``.
 Targets (``targets=``): ``"encoder"`` (default, the paper's) = the averaged
-*encoder's* stage features of the same stride, p2 <- f4, p3 <- f8, p4 <- f16
+*encoder's* stage features of the same stride, p2 <- c2, p3 <- c3, p4 <- c4
 (T = C/4, C/2, C); ``"pyramid"`` = the averaged pyramid's outputs (T = pyramid
 width), kept for comparison. The paper: "MFM computes intermediate targets by
 feeding the original image into a moving-averaged backbone, and uses the output
@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hivit import map_to_units
+from .levels import PYRAMID_LEVELS, UNIT_SIZE
+from .unit_layout import map_to_units
 
 __all__ = ["EMATeacher", "ExternalTeacher", "cosine_momentum"]
 
@@ -80,7 +81,7 @@ class EMATeacher(_FrozenTeacher):
             momentum: momentum at iteration 0.
             end_momentum: momentum at ``max_iter`` (cosine in between).
             max_iter: schedule length (the training length); 0 keeps ``momentum`` constant.
-            targets: ``"encoder"`` (f4, f8, f16 of the averaged HiViT) or ``"pyramid"``
+            targets: ``"encoder"`` (c2, c3, c4 of the averaged HiViT) or ``"pyramid"``
                 (p2, p3, p4 of the averaged pyramid); see the module docstring.
         """
         super().__init__()
@@ -99,6 +100,11 @@ class EMATeacher(_FrozenTeacher):
         """Make the teacher a frozen deep copy of ``online`` (an ``ITPNBackbone``)."""
         self.model = copy.deepcopy(online)
         self._freeze(self.model)
+
+    def compile(self, **options) -> List[str]:
+        """Compile the averaged backbone's encoder and pyramid in place (``ITPNBackbone.compile``);
+        returns their names under this module."""
+        return ["model." + name for name in self.model.compile(**options)]
 
     @property
     def out_dims(self) -> Tuple[int, int, int]:
@@ -132,10 +138,11 @@ class EMATeacher(_FrozenTeacher):
         """images: (B, 3, H, W) normalised as the student's input -> per level (p2, p3, p4), unit layout:
         encoder targets [(B, N, 4, 4, C/4), (B, N, 2, 2, C/2), (B, N, 1, 1, C)];
         pyramid targets [(B, N, 4, 4, D), (B, N, 2, 2, D), (B, N, 1, 1, D)]."""
+        units = self.model.forward_units(images, with_pyramid=self.targets == "pyramid")
         if self.targets == "pyramid":
-            return list(self.model.forward_units(images))
-        f4, f8, f16 = self.model.net(images)
-        return [f4, f8, f16[:, :, None, None, :]]
+            return list(units.pyramid)
+        c2, c3, c4 = units.encoder
+        return [c2, c3, c4[:, :, None, None, :]]
 
 
 class ExternalTeacher(_FrozenTeacher):
@@ -210,6 +217,11 @@ class ExternalTeacher(_FrozenTeacher):
         ps = model.patch_embed.patch_size
         self.patch = (ps, ps) if isinstance(ps, int) else tuple(ps)
 
+    def compile(self, **options) -> List[str]:
+        """Nothing is compiled: the timm model is entered through ``forward_features``, which
+        compiling its ``__call__`` would not reach."""
+        return []
+
     @property
     def out_dims(self) -> Tuple[int, int, int]:
         """Target width per level (p2, p3, p4): the same feature map resized to each stride."""
@@ -233,7 +245,7 @@ class ExternalTeacher(_FrozenTeacher):
         return x
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, unit_size: int = 16) -> List[torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
         """images: (B, 3, H, W) student-normalised -> [(B,N,4,4,T), (B,N,2,2,T), (B,N,1,1,T)]."""
         x = self.teacher_input(images)
         tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens :]
@@ -244,9 +256,10 @@ class ExternalTeacher(_FrozenTeacher):
         if th * tw != L:
             raise RuntimeError(f"ExternalTeacher: {L} patch tokens do not form a {th}x{tw} grid")
         fmap = tokens.transpose(1, 2).reshape(B, T, th, tw).float()
-        gh, gw = images.shape[-2] // unit_size, images.shape[-1] // unit_size
+        gh, gw = images.shape[-2] // UNIT_SIZE, images.shape[-1] // UNIT_SIZE
         outs = []
-        for k in (4, 2, 1):
+        for lv in PYRAMID_LEVELS:
+            k = lv.tokens_per_unit_side
             m = F.interpolate(fmap, size=(gh * k, gw * k), mode="bilinear", align_corners=False)
             outs.append(map_to_units(m, k))
         return outs

@@ -5,18 +5,17 @@ One row per image, four panels side by side (all ``H x W``, uint8 RGB):
     original | masked input (masked units grey) | reconstruction | reconstruction with visible units pasted back
 
 Layout conventions follow :mod:`itpn_d2.modeling.pretrainer`: units are ``unit x unit``
-pixel squares in raster order; a unit's pixels are flattened in (row, col, channel)
-order (MAE's ``patchify``); ``mask`` is True for masked units.
+pixel squares in raster order; ``mask`` is True for masked units. The model's eval output
+is already in 0-255 RGB (norm-pix predictions de-normalised by the model, see
+:func:`itpn_d2.modeling.unit_layout.denormalize_unit_predictions`).
 """
-from typing import Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 __all__ = [
     "unit_mask_to_pixels",
-    "units_to_image",
-    "denormalize_unit_predictions",
     "compose_reconstruction_panel",
     "stack_rows",
     "panels_from_model_output",
@@ -51,61 +50,6 @@ def unit_mask_to_pixels(mask: ArrayLike, grid: Tuple[int, int], unit: int) -> np
     if m.size != h * w:
         raise ValueError(f"mask has {m.size} entries, the unit grid {h}x{w} needs {h * w}")
     return np.kron(m.reshape(h, w), np.ones((unit, unit), dtype=bool)).astype(bool)
-
-
-def units_to_image(patches: torch.Tensor, grid: Tuple[int, int], unit: int) -> torch.Tensor:
-    """(N, unit*unit*C) per-unit pixels, (row, col, channel) order -> (C, h*unit, w*unit)."""
-    h, w = grid
-    N, D = patches.shape
-    C = D // (unit * unit)
-    if N != h * w or C * unit * unit != D:
-        raise ValueError(f"patches {tuple(patches.shape)} do not fit a {h}x{w} grid of {unit}px units")
-    x = patches.reshape(h, w, unit, unit, C).permute(4, 0, 2, 1, 3)
-    return x.reshape(C, h * unit, w * unit)
-
-
-def _image_to_units(image: torch.Tensor, unit: int) -> torch.Tensor:
-    C, H, W = image.shape
-    x = image.reshape(C, H // unit, unit, W // unit, unit).permute(1, 3, 2, 4, 0)
-    return x.reshape((H // unit) * (W // unit), unit * unit * C)
-
-
-def denormalize_unit_predictions(
-    pred: torch.Tensor,
-    image: torch.Tensor,
-    *,
-    unit: int = 16,
-    pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
-    pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
-    norm_pix: bool = True,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """
-    Map per-unit pixel predictions back to a 0-255 RGB image.
-
-    The model predicts in the normalised input space ``(x - pixel_mean) / pixel_std``;
-    with norm-pix targets each unit is further normalised by its own mean and std.
-    As in MAE's visualisation, a predicted unit is de-normalised with the mean/std of
-    the TARGET unit (the true pixels), then ``pixel_std`` / ``pixel_mean`` are undone.
-
-    Args:
-        pred: (N, unit*unit*3) predictions in raster unit order.
-        image: (3, H, W) the input, 0-255 RGB.
-    Returns:
-        (3, H, W) float reconstruction, 0-255 scale (not clipped).
-    """
-    image = image.detach().float().cpu()
-    pred = pred.detach().float().cpu()
-    mean = torch.as_tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.as_tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
-    _, H, W = image.shape
-    grid = (H // unit, W // unit)
-    if norm_pix:
-        t = _image_to_units((image - mean) / std, unit)
-        t_mean = t.mean(-1, keepdim=True)
-        t_std = (t.var(-1, keepdim=True, unbiased=False) + eps) ** 0.5
-        pred = pred * t_std + t_mean
-    return units_to_image(pred, grid, unit) * std + mean
 
 
 def compose_reconstruction_panel(
@@ -165,39 +109,27 @@ def stack_rows(rows: Sequence[np.ndarray], *, gap: int = 4, background: int = 25
     return np.concatenate(parts, axis=0)
 
 
-def panels_from_model_output(out, *, unit: int = 16, pixel_mean=None, pixel_std=None, norm_pix: bool = True, gap: int = 4):
+def panels_from_model_output(
+    out: Dict[str, torch.Tensor], *, unit: Optional[int] = None, gap: int = 4
+) -> List[np.ndarray]:
     """
-    Compose one panel per image from a pre-training model's eval output.
+    Compose one panel per image from :class:`itpn_d2.modeling.pretrainer.MaskedPretrainer`'s
+    eval output: "image" (B, 3, H, W) and "pred_pixels" (B, 3, H, W), both 0-255, and "mask"
+    (B, H/unit, W/unit) bool.
 
-    Accepts either :class:`itpn_d2.modeling.pretrainer.MaskedPretrainer`'s eval dict
-    ("image" (B,3,H,W), "mask" (B,h,w), "pred_pixels" (B,3,H,W) already in 0-255), or a
-    list of per-image dicts with "image" (3,H,W), "mask" (N,), "pred_pixels" (N, unit*unit*3)
-    in the (normalised, if ``norm_pix``) prediction space.
-
+    Args:
+        unit: mask-unit size in pixels; by default read off the shapes (H / mask rows).
     Returns:
         list of (H, 4W+3*gap, 3) uint8 arrays.
     """
-    if isinstance(out, dict):
-        if "pred_pixels" not in out:
-            raise KeyError("model output has no 'pred_pixels': the model has no pixel decoder to visualise")
-        items = [
-            {"image": out["image"][i], "mask": out["mask"][i], "pred_pixels": out["pred_pixels"][i]}
-            for i in range(len(out["image"]))
-        ]
-    else:
-        items = list(out)
-    panels = []
-    for d in items:
-        image, pred = d["image"], d["pred_pixels"]
-        if pred.dim() == 2:  # (N, unit*unit*3) per-unit predictions
-            kw = {}
-            if pixel_mean is not None:
-                kw["pixel_mean"] = [float(v) for v in torch.as_tensor(pixel_mean).flatten()]
-            if pixel_std is not None:
-                kw["pixel_std"] = [float(v) for v in torch.as_tensor(pixel_std).flatten()]
-            pred = denormalize_unit_predictions(pred, image, unit=unit, norm_pix=norm_pix, **kw)
-        panels.append(compose_reconstruction_panel(image, d["mask"], pred, unit=unit, gap=gap))
-    return panels
+    if "pred_pixels" not in out:
+        raise KeyError("model output has no 'pred_pixels': the model has no pixel decoder to visualise")
+    if unit is None:
+        unit = out["image"].shape[-2] // out["mask"].shape[-2]
+    return [
+        compose_reconstruction_panel(image, mask, pred, unit=unit, gap=gap)
+        for image, mask, pred in zip(out["image"], out["mask"], out["pred_pixels"])
+    ]
 
 
 def load_eval_image(file_name: str, size: int) -> torch.Tensor:
