@@ -11,3 +11,18 @@ from .overrides import (
     check_override_keys,
     validate_config,
 )
+
+__all__ = [
+    "load_config",
+    "add_opts_argument",
+    "overrides_of",
+    "apply_overrides",
+    "check_override_keys",
+    "validate_config",
+    "ConfigOverrideError",
+    "ConfigValueError",
+    "OPTIONAL_KEYS",
+    "FORWARDED_KWARGS",
+    "IMAGENET_PIXEL_MEAN",
+    "IMAGENET_PIXEL_STD",
+]
