@@ -39,7 +39,7 @@ from itpn_d2.checkpoint import (
     last_finite_checkpoint,
     load_checkpoint_file,
 )
-from itpn_d2.engine.overrides import ConfigOverrideError, ConfigValueError, apply_overrides, validate_config
+from itpn_d2.config.overrides import ConfigOverrideError, ConfigValueError, apply_overrides, validate_config
 from itpn_d2.engine.run_lock import OutputDirLock, OutputDirLockedError
 
 DET_TINY = os.path.join(ROOT, "configs", "COCO", "mask_rcnn_itpn_tiny_demo.py")

@@ -17,6 +17,7 @@ from itpn_d2.modeling.decoder import PixelDecoder
 from itpn_d2.modeling.hivit import PatchEmbed, PatchMerge
 from itpn_d2.modeling.layers import Attention, AttentionBlock
 from itpn_d2.modeling.pyramid import PatchSplit
+from itpn_d2.utils.precision import cpu_has_native_bf16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -253,7 +254,7 @@ def test_benchmark_tool_quick_tiny():
     out = r.stdout
     assert "machine:" in out
     dtypes = ["fp32"]
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if cpu_has_native_bf16():
         dtypes.append("bf16")
     else:  # emulated bf16 is skipped with a message saying why
         assert "[pretrain] bf16: SKIPPED: this CPU has no native bf16" in out, out

@@ -37,7 +37,7 @@ from _train_cli import (
     train_cmd,
 )
 from itpn_d2.data.image_folder import register_image_folder
-from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides
+from itpn_d2.config.overrides import ConfigOverrideError, apply_overrides
 
 MIM_LOGGER = "itpn_d2.data.mim_mapper"
 SAFE_LOGGER = "itpn_d2.data.safe_mapper"

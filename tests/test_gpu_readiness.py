@@ -489,7 +489,7 @@ def _benchmark_module():
 
 
 def test_benchmark_flops_leave_out_recomputation():
-    from itpn_d2.utils.benchmark import count_flops
+    from itpn_d2.utils.flops import count_flops
 
     bench = _benchmark_module()
     model = tiny_pretrainer(mim="fused", mfm=False).train()

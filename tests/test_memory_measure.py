@@ -4,7 +4,7 @@ datasheet peak it divides by for GPU MFU."""
 import torch
 
 from itpn_d2.modeling import HiViT, hivit_arch
-from itpn_d2.utils.benchmark import live_tensor_bytes, peak_allocated
+from itpn_d2.utils.memory import live_tensor_bytes, peak_allocated
 
 MB = 1_000_000
 
@@ -54,7 +54,7 @@ def test_activation_checkpointing_lowers_the_peak(one_thread):
 def test_datasheet_peak_matches_the_card_name():
     """MFU's denominator: the specific part (PCIe, NVL) before the generic name; fp32 and unknown
     cards have none, so the benchmark falls back to the measured matmul rate."""
-    from itpn_d2.utils.benchmark import datasheet_tflops
+    from itpn_d2.utils.flops import datasheet_tflops
 
     assert datasheet_tflops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4
     assert datasheet_tflops("NVIDIA H100 PCIe", torch.bfloat16) == 756.5

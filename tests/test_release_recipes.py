@@ -15,7 +15,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from torch import nn
 
-from itpn_d2.engine.overrides import apply_overrides
+from itpn_d2.config.overrides import apply_overrides
 from itpn_d2.modeling import hivit_arch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,6 +151,35 @@ def test_ade20k_recipe_values(size, dp, embed):
     half = _load(f"ADE20K/uper_itpn_{size}_160k.py", "dataloader.train.total_batch_size=8")
     assert half.optimizer.lr == pytest.approx(1.5e-5) and half.train.max_iter == 320000
     assert half.train.eval_period == 32000
+
+
+@pytest.mark.parametrize("size", ["base", "large"])
+def test_ade20k_optimizer_is_the_common_adamw_with_the_seg_constructor(size):
+    """The ADE20K optimizer is ``configs/common/optim.py``'s (fused AdamW) with only the release's
+    segmentation rules patched in: layer-scale and every other 1-D tensor without weight decay;
+    the 2-D relative position tables decayed, as the release's constructor does."""
+    cfg = _load(f"ADE20K/uper_itpn_{size}_160k.py")
+    common = _load("COCO/mask_rcnn_itpn_base_1x.py").optimizer
+    assert cfg.optimizer._target_ is common._target_ and cfg.optimizer.fused is True
+    assert tuple(cfg.optimizer.betas) == tuple(common.betas) and cfg.optimizer.weight_decay == 0.05
+    assert cfg.optimizer.params.lr_factor_func.rule == "release_seg"
+    assert cfg.optimizer.params.no_weight_decay == "release_seg"
+    cfg.model.backbone.net.update(hivit_arch("tiny"))
+    cfg.model.backbone.net.layer_scale_init = 0.1  # the CLIP variant's layer-scale
+    with torch.device("meta"):
+        model = nn.Module()
+        model.backbone = instantiate(cfg.model.backbone)
+    cfg.optimizer.params.model = model
+    decay = {}
+    for g in instantiate(cfg.optimizer.params):
+        for p in g["params"]:
+            decay[id(p)] = g["weight_decay"]
+    named = dict(model.named_parameters())
+    scales = [n for n in named if n.split(".")[-1] in ("gamma_1", "gamma_2")]
+    tables = [n for n in named if n.endswith("relative_position_bias_table")]
+    assert scales and tables
+    assert all(decay[id(named[n])] == 0.0 for n in scales), scales
+    assert all(decay[id(named[n])] == 0.05 for n in tables), tables
 
 
 # ---------------------------------------------------------------- strict loading with rpe

@@ -5,7 +5,7 @@ import os
 import pytest
 from detectron2.config import LazyConfig, instantiate
 
-from itpn_d2.engine.overrides import apply_overrides
+from itpn_d2.config.overrides import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO_IMAGES = 117266  # train2017 images with annotations (mmdet filter_empty_gt, detectron2 filter_empty)

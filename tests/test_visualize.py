@@ -12,6 +12,7 @@ from PIL import Image
 
 from itpn_d2.modeling.unit_layout import denormalize_unit_predictions, patchify_units, unpatchify_units
 from itpn_d2.utils.visualize_mim import compose_reconstruction_panel, panels_from_model_output, stack_rows
+from itpn_d2.utils.panel_titles import TITLE_HEIGHT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN = (123.675, 116.28, 103.53)
@@ -169,7 +170,9 @@ def test_tool_writes_pngs(tmp_path, tiny_model):
     )
     assert sorted(os.path.basename(w) for w in written) == ["sub__img0.png", "sub__img1.png"]
     for w in written:
-        assert Image.open(w).size == (4 * 64 + 3 * 4, 64)
+        figure = np.asarray(Image.open(w))
+        assert figure.shape == (TITLE_HEIGHT + 64, 4 * 64 + 3 * 4, 3)
+        assert (figure[:TITLE_HEIGHT] < 128).any()  # the panel titles
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         tool.main(["--config-file", str(cfg), "--checkpoint", str(tmp_path / "missing.pth"),
                    "--input", str(inp / "img0.jpg"), "--output", str(out_dir)])
@@ -191,7 +194,7 @@ def test_hook_writes_png_without_touching_training_state(tmp_path, tiny_model):
     hook.after_step()
     png = tmp_path / "run" / "reconstructions" / "iter_0000002.png"
     assert png.is_file()
-    assert Image.open(png).size == (4 * 64 + 3 * 4, 2 * 64 + 4)
+    assert Image.open(png).size == (4 * 64 + 3 * 4, TITLE_HEIGHT + 2 * 64 + 4)
     assert tiny_model.training
     assert torch.equal(torch.get_rng_state(), rng_before)
     tiny_model.eval()

@@ -15,8 +15,9 @@ budgets:
   iters   every pre-training runs the same iterations (``--pretrain-iters``);
   flops   every pre-training gets the FLOPs of the most expensive one (MIM + MFM) at those
           iterations: iterations x (its FLOPs per iteration) / (theirs), FLOPs per iteration
-          counted with fvcore (as tools/analyze_model.py): batch x (3 x student forward +
-          teacher forward), backward taken as twice the forward.
+          counted as tools/analyze_model.py counts them (``itpn_d2.utils.flops``: 2 FLOPs per
+          multiply-add): batch x (3 x student forward + teacher forward), backward taken as
+          twice the forward.
 
 Reported (``results.md``, ``results.json``): per variant mean and sd of each metric; for each
 claim the per-seed paired differences (fine-tuning seed s of one variant against seed s of the
@@ -44,6 +45,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from itpn_d2.utils.flops import FLOP_CONVENTION  # noqa: E402
+from itpn_d2.utils.metrics_json import read_metrics  # noqa: E402
 PRETRAIN_CFG = "configs/pretrain/mim_mfm_itpn_tiny_cpu.py"
 BACKBONE_ONLY_CFG = "configs/pretrain/mim_backbone_only_itpn_tiny_cpu.py"
 FINETUNE_CFG = "configs/COCO/mask_rcnn_itpn_tiny_demo.py"
@@ -123,21 +129,6 @@ def run(cmd, log_path):
         raise RuntimeError(f"command failed (exit {rc}); log: {log_path}")
 
 
-def read_metrics(output_dir) -> List[dict]:
-    """metrics.json rows, one per iteration (a resumed run appends: the last record wins), in order."""
-    by_iter = {}
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        for line in f:
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
-                if "iteration" in r:
-                    by_iter.setdefault(r["iteration"], {}).update(r)
-    return [by_iter[i] for i in sorted(by_iter)]
-
-
 def _finite(v) -> float:
     return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
@@ -146,7 +137,7 @@ def _finite(v) -> float:
 
 
 def pretrain_flops(kind: str, overrides: Sequence[str] = ()) -> Dict[str, float]:
-    """FLOPs of one pre-training iteration of ``kind`` (fvcore, one multiply-add = one FLOP).
+    """FLOPs of one pre-training iteration of ``kind`` (``itpn_d2.utils.flops``: 2 per multiply-add).
 
     Returns {"student_fwd", "teacher_fwd"} per image, "batch", and "per_iter" =
     batch x (3 x student_fwd + teacher_fwd): the student's backward is taken as twice its
@@ -154,13 +145,13 @@ def pretrain_flops(kind: str, overrides: Sequence[str] = ()) -> Dict[str, float]
     (elementwise) are left out.
     """
     import torch
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
 
-    from itpn_d2.engine.overrides import apply_overrides
-    from itpn_d2.utils.flops import flop_count_analysis
+    from itpn_d2.config import load_config
+    from itpn_d2.utils.flops import forward_flops
 
     cfg_path, kind_overrides = PRETRAININGS[kind]
-    cfg = apply_overrides(LazyConfig.load(os.path.join(ROOT, cfg_path)), [*kind_overrides, *overrides])
+    cfg = load_config(os.path.join(ROOT, cfg_path), [*kind_overrides, *overrides])
     model = instantiate(cfg.model).eval()
     size = int(cfg.dataloader.train.mapper.image_size)
     grid = (size // model.unit_size, size // model.unit_size)
@@ -180,12 +171,11 @@ def pretrain_flops(kind: str, overrides: Sequence[str] = ()) -> Dict[str, float]
                     preds += list(part) if isinstance(part, (list, tuple)) else [part]
             return tuple(preds)
 
-    with torch.no_grad():
-        student = flop_count_analysis(Student(model), (images, ids_keep)).total()
-        teacher = flop_count_analysis(model.teacher, (images,)).total() if model.teacher is not None else 0
+    student = forward_flops(Student(model), images, ids_keep)
+    teacher = forward_flops(model.teacher, images) if model.teacher is not None else 0
     batch = int(cfg.dataloader.train.total_batch_size)
     return {"student_fwd": float(student), "teacher_fwd": float(teacher), "batch": batch,
-            "per_iter": float(batch * (3 * student + teacher))}
+            "per_iter": float(batch * (3 * student + teacher)), "convention": FLOP_CONVENTION}
 
 
 def budget_iters(flops: Dict[str, Dict[str, float]], iters: int) -> Dict[str, int]:
@@ -422,7 +412,8 @@ def _fmt_ci(p: dict) -> str:
 def write_report(table, claim_rows, flops, mim, path) -> str:
     lines = []
     if flops:
-        lines += ["FLOPs per pre-training iteration (fvcore; batch x (3 x student forward + teacher forward)):", "",
+        lines += [f"FLOPs per pre-training iteration ({FLOP_CONVENTION}; batch x (3 x student forward + "
+                  "teacher forward)):", "",
                   "| pre-training | student fwd / image (GFLOPs) | teacher fwd / image (GFLOPs) | batch | "
                   "per iteration (GFLOPs) | iterations (iters / flops budget) |", "|---|---|---|---|---|---|"]
         for k, f in flops.items():
@@ -570,11 +561,11 @@ def main(argv=None):
 
     kinds = sorted({VARIANTS[v][0] for v in args.variants} - {None})
     flops_path = os.path.join(out, "flops.json")
+    flops = {}
     if os.path.exists(flops_path):
         with open(flops_path) as f:
-            flops = json.load(f)
-    else:
-        flops = {}
+            # counts of another convention (fvcore's, one per multiply-add, before) are redone
+            flops = {k: v for k, v in json.load(f).items() if v.get("convention") == FLOP_CONVENTION}
     for k in kinds:
         if k not in flops:
             flops[k] = pretrain_flops(k)

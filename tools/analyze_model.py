@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Parameters and FLOPs of an iTPN model, per part (fvcore's counters).
+"""Parameters and FLOPs of an iTPN model, per part.
 
-FLOPs are fvcore's: one fused multiply-add counts as one FLOP, attention matmuls
-included (see itpn_d2/utils/flops.py). Examples::
+FLOPs as every tool of this repository counts them (``itpn_d2/utils/flops.py``): 2 FLOPs per
+multiply-add, matmuls, convolutions and attention included (fvcore's counters give half).
+Parameters are fvcore's ``parameter_count``. Examples::
 
     # encoder + pyramid of a named size and block layout, FLOPs at 224x224 unmasked
     python tools/analyze_model.py --size base --layout mmpretrain --fpn-depth 2
     # any LazyConfig model: parameters per sub-module, two levels deep
-    python tools/analyze_model.py --config-file configs/COCO/mask_rcnn_itpn_base_1x.py --depth 2
+    python tools/analyze_model.py --config-file configs/COCO/mask_rcnn_itpn_base_1x.py --depth 2 \
+        --opts model.backbone.net.depth=12
 """
 import argparse
 import os
@@ -17,8 +19,9 @@ import torch
 from fvcore.nn import parameter_count
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from itpn_d2.config import add_opts_argument, load_config  # noqa: E402
 from itpn_d2.modeling import FeaturePyramid, HiViT, hivit_arch  # noqa: E402
-from itpn_d2.utils.flops import flop_count_analysis  # noqa: E402
+from itpn_d2.utils.flops import forward_flops  # noqa: E402
 
 
 def fmt(n: float) -> str:
@@ -59,18 +62,18 @@ def analyze_arch(args) -> None:
     print(f"  params  {'total':<32s} {fmt(total):>10s}")
 
     x = torch.zeros(1, 3, args.input_size, args.input_size)
+    enc = forward_flops(net, x)
     with torch.no_grad():
-        enc = flop_count_analysis(net, (x,)).total()
         feats = net(x)
-        pyr = flop_count_analysis(pyramid, feats).total()
+    pyr = forward_flops(pyramid, *feats)
     print(f"  FLOPs   encoder at {args.input_size}x{args.input_size}, unmasked   {enc / 1e9:.2f}G")
     print(f"  FLOPs   pyramid at {args.input_size}x{args.input_size}, unmasked   {pyr / 1e9:.2f}G")
 
 
 def analyze_config(args) -> None:
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
 
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = load_config(args.config_file, args.opts)
     model = instantiate(cfg.model).eval()
     print(f"{args.config_file}: parameters per part")
     for name, n in param_table(model, args.depth):
@@ -87,7 +90,7 @@ def main(argv=None) -> None:
     p.add_argument("--fpn-depth", type=int, default=2)
     p.add_argument("--decoder-depth", type=int, default=0, help="also count a pixel decoder of this depth")
     p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value (--config-file)")
+    add_opts_argument(p)  # with --config-file
     args = p.parse_args(argv)
     if args.config_file:
         analyze_config(args)

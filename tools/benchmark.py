@@ -69,33 +69,27 @@ Install the reference (optional extra ``bench``)::
         addict yapf rich termcolor einops modelindex mat4py
 """
 import argparse
+import functools
 import os
 import platform
 import sys
 import time
 import traceback
+from typing import Iterable
 
 import torch
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from itpn_d2.config import add_opts_argument, load_config  # noqa: E402
 from itpn_d2.engine.compile import compile_modules  # noqa: E402
-from itpn_d2.utils.benchmark import (  # noqa: E402
-    autocast_ctx,
-    count_flops,
-    datasheet_tflops,
-    format_summary,
-    matmul_rate,
-    live_tensor_bytes,
-    peak_allocated,
-    peak_memory,
-    summarize,
-    sync,
-    time_interleaved,
-    time_reps,
-)
+from itpn_d2.utils.flops import count_flops, datasheet_tflops, matmul_rate  # noqa: E402
+from itpn_d2.utils.memory import live_tensor_bytes, peak_allocated, peak_memory  # noqa: E402
+from itpn_d2.utils.precision import autocast_ctx, native_low_precision  # noqa: E402
+from itpn_d2.utils.timing import format_summary, summarize, sync, time_interleaved, time_reps  # noqa: E402
 
 REFERENCE_CONFIG = "itpn-pixel_hivit-base-p16_8xb512-amp-coslr-800e_in1k"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,7 +103,6 @@ def parse_args(argv=None):
     p.add_argument("--det-config", default="configs/COCO/mask_rcnn_itpn_base_1x.py", help="detection LazyConfig")
     p.add_argument("--arch", default=None,
                    help="override model.backbone.net with hivit_arch(SIZE[,LAYOUT]), e.g. 'tiny' or 'base,official'")
-    p.add_argument("--opts", nargs="*", default=[], help="extra LazyConfig overrides key=value (both configs)")
     p.add_argument("--batch", type=int, default=None,
                    help="pre-training batch (default: 512 on a GPU, the release's per-GPU batch of its 8xb512 "
                         "recipe; 4 on a CPU)")
@@ -145,23 +138,21 @@ def parse_args(argv=None):
                         "then peak allocated of one training and one inference step "
                         "(on a GPU also max_memory_allocated)")
     p.add_argument("--profile", default=None, help="write torch.profiler tables of our pre-training step here")
+    add_opts_argument(p)  # applied to every config the run reads (pre-training and detection)
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- ours
 def load_cfg(path, args):
-    from detectron2.config import LazyConfig
-
+    """The config at ``path`` with ``--arch`` applied, then the checked ``--opts``."""
     from itpn_d2.modeling import hivit_arch
 
-    cfg = LazyConfig.load(path if os.path.isabs(path) else os.path.join(ROOT, path))
-    if args.arch:
-        parts = args.arch.split(",")
-        arch = hivit_arch(parts[0], parts[1] if len(parts) > 1 else "official")
-        cfg.model.backbone.net.update(arch)
-    if args.opts:
-        cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    return cfg
+    def set_arch(cfg):
+        if args.arch:
+            parts = args.arch.split(",")
+            cfg.model.backbone.net.update(hivit_arch(parts[0], parts[1] if len(parts) > 1 else "official"))
+
+    return load_config(path if os.path.isabs(path) else os.path.join(ROOT, path), args.opts, edit=set_arch)
 
 
 def build_ours(args, device):
@@ -343,20 +334,6 @@ class ReferenceStep(TrainStep):
 
 
 # ------------------------------------------------------------------------- reports
-def native_low_precision(device, dtype) -> bool:
-    """False for bf16/fp16 on a CPU whose oneDNN has no native kernels for it (no AVX-512
-    bf16 / AMX): there every bf16 matmul and convolution falls back to an emulated path
-    measured at < 1 GFLOP/s (vs tens in fp32), which makes bf16 autocast a slowdown."""
-    if torch.device(device).type != "cpu" or dtype == torch.float32:
-        return True
-    try:
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return True
-
-
 def usable_dtypes(args, device, tag):
     out = []
     for d in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
@@ -592,6 +569,60 @@ def bench_loop(args, device, warmup, reps):
         shutil.rmtree(root, ignore_errors=True)
 
 
+# ------------------------------------------------------- detection heads in fp32
+# --det-bf16-heads fp32: on CPU, bf16 autocast turns the detection heads' convolutions (RPN,
+# the 4-conv box and mask heads), their deconvolution and RoIAlign into bf16 kernels that, on
+# CPUs without native bf16, are far slower than their fp32 versions. The heads are a small share
+# of the FLOPs, so this variant runs them in fp32 and keeps the backbone under autocast.
+# Training runs the heads under autocast; only the benchmark offers this variant.
+# set_head_autocast(model, enabled=False) patches the *instance* ``forward`` of the head modules
+# (module structure and state-dict keys do not change); enabled=True restores them.
+HEAD_MODULES = ("proposal_generator", "roi_heads", "sem_seg_head")
+
+
+def _to_fp32(obj):
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() and obj.dtype != torch.float32 else obj
+    if isinstance(obj, dict):
+        return {k: _to_fp32(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_fp32(v) for v in obj)
+    return obj
+
+
+def _fp32_forward(module: nn.Module, orig):
+    @functools.wraps(orig)
+    def forward(*args, **kwargs):
+        if not torch.is_autocast_enabled(_device_type(module)):
+            return orig(*args, **kwargs)
+        with torch.autocast(device_type=_device_type(module), enabled=False):
+            return orig(*_to_fp32(args), **_to_fp32(kwargs))
+
+    return forward
+
+
+def _device_type(module: nn.Module) -> str:
+    for p in module.parameters():
+        return p.device.type
+    return "cpu"
+
+
+def set_head_autocast(model: nn.Module, enabled: bool, names: Iterable[str] = HEAD_MODULES) -> nn.Module:
+    """Run ``model.<name>`` for each of ``names`` in fp32 (``enabled=False``) or under the
+    caller's autocast (``enabled=True``, the default behaviour). Returns ``model``."""
+    model = getattr(model, "module", model)  # DDP
+    for name in names:
+        m = getattr(model, name, None)
+        if m is None:
+            continue
+        patched = "forward" in m.__dict__
+        if enabled and patched:
+            del m.forward
+        elif not enabled and not patched:
+            m.forward = _fp32_forward(m, type(m).forward.__get__(m))
+    return model
+
+
 # ------------------------------------------------------------------------ detection
 def synthetic_det_inputs(batch, h, w, device, num_classes=80, seed=0):
     from detectron2.structures import Boxes, Instances, PolygonMasks
@@ -616,8 +647,6 @@ def synthetic_det_inputs(batch, h, w, device, num_classes=80, seed=0):
 def bench_det(args, device, warmup, reps):
     from detectron2.config import instantiate
     from detectron2.utils.events import EventStorage
-
-    from itpn_d2.utils.autocast import set_head_autocast
 
     dtypes = usable_dtypes(args, device, "det")
     cfg = load_cfg(args.det_config, args)

@@ -9,11 +9,13 @@ Examples::
         --input img1.jpg img2.jpg --output out/ --opts train.init_checkpoint=model_final.pth
     python tools/demo.py --config-file configs/ADE20K/uper_itpn_base_160k.py \
         --input "photos/*.jpg" --output out/ --bf16 --opts train.init_checkpoint=uper.pth
-    python tools/demo.py --config-file cfg.py --video-input clip.mp4 --output clip_vis.mp4
+    python tools/demo.py --config-file cfg.py --video-input clip.mp4 --output clip_vis.mp4 \
+        --opts train.init_checkpoint=model_final.pth
 
 ``--input`` takes files, folders (every image inside) or quoted glob patterns.
-``--opts`` are LazyConfig overrides (``key=value``); ``train.device`` defaults to
-``cpu`` here, pass ``train.device=cuda`` for a GPU.
+``--opts`` (last on the line, as in every tool) are LazyConfig overrides (``key=value``),
+checked like the training script's; ``train.device`` defaults to ``cpu`` here, pass
+``train.device=cuda`` for a GPU. The log names the checkpoint loaded.
 """
 
 import argparse
@@ -27,15 +29,15 @@ import cv2
 import numpy as np
 import torch
 import tqdm
-from detectron2.config import LazyConfig
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itpn_d2  # noqa: E402,F401  (registers the backbone and heads)
 from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError  # noqa: E402
-from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides  # noqa: E402
+from itpn_d2.config import ConfigOverrideError, add_opts_argument, load_config  # noqa: E402
 from itpn_d2.utils.predictor import LazyPredictor, metadata_for, visualize  # noqa: E402
+from itpn_d2.utils.weights import load_weights as load_checkpoint  # noqa: E402
 
 
 
@@ -66,7 +68,7 @@ def get_parser():
         action="store_true",
         help="run without train.init_checkpoint on purpose (an untrained model); refused otherwise",
     )
-    p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="LazyConfig overrides key=value")
+    add_opts_argument(p)
     return p
 
 
@@ -83,12 +85,14 @@ def expand_inputs(inputs):
     return files
 
 
-def setup_cfg(args):
-    cfg = LazyConfig.load(args.config_file)
+def _demo_defaults(cfg):
     if "train" not in cfg:  # a model-only config, e.g. configs/common/models/*.py
         cfg.train = {"init_checkpoint": ""}
-    cfg.train.device = "cpu"  # the demo's default; --opts train.device=cuda overrides it
-    cfg = apply_overrides(cfg, list(args.opts))  # unknown keys (typos) are refused
+    cfg.train.device = "cpu"  # --opts train.device=cuda overrides it
+
+
+def setup_cfg(args):
+    cfg = load_config(args.config_file, args.opts, edit=_demo_defaults)
     # Drop detections under the threshold already in the box predictor, as detectron2's demo does.
     predictor = cfg.model.get("roi_heads", {}).get("box_predictor", None)
     if predictor is not None and "test_score_thresh" in predictor:
@@ -97,19 +101,18 @@ def setup_cfg(args):
 
 
 def load_weights(model, cfg, logger, random_weights: bool = False):
-    path = cfg.train.get("init_checkpoint", "") if "train" in cfg else ""
-    if not path:
-        if not random_weights:
-            raise CheckpointFileError(
-                "no weights: set --opts train.init_checkpoint=PATH (or pass --random-weights to run an "
-                "untrained model on purpose)"
-            )
-        logger.warning("--random-weights: the model has random weights")
-        return
-    from itpn_d2.checkpoint import ITPNCheckpointer
-
-    ITPNCheckpointer(model, backbone_load=cfg.train.get("backbone_load", "strict")).load(path, checkpointables=[])
-    logger.info(f"Weights: {path}")
+    """``train.init_checkpoint`` into ``model`` (``train.backbone_load`` applies); without one,
+    random weights only with ``--random-weights``."""
+    train = cfg.get("train", {})
+    return load_checkpoint(
+        model,
+        train.get("init_checkpoint", ""),
+        backbone_load=train.get("backbone_load", "strict"),
+        allow_random=random_weights,
+        missing_hint="no weights: set --opts train.init_checkpoint=PATH (or pass --random-weights to run an "
+        "untrained model on purpose)",
+        log=logger,
+    )
 
 
 def output_path(output, input_path, n_inputs):

@@ -282,7 +282,7 @@ def seg_stage(mode, device, ctx):
     if c.get("arch"):
         cmd += ["--seg-arch", c["arch"]]
     if c.get("opts"):
-        cmd += ["--seg-opts", *c["opts"]]
+        cmd += ["--opts", *c["opts"]]
 
     def parse(out):
         lines = [ln for ln in out.splitlines() if ln.startswith(RESULT_MARK)]
@@ -297,20 +297,24 @@ def seg_worker(args):
     """One UPerNet training step timed (``time_reps``) and measured (``peak_memory``) as the
     detection benchmark does; prints the figures as one JSON line."""
     import torch
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
     from detectron2.utils.events import EventStorage
 
     import itpn_d2  # noqa: F401  (registries)
+    from itpn_d2.config import load_config
     from itpn_d2.modeling import hivit_arch
-    from itpn_d2.utils.benchmark import autocast_ctx, format_summary, peak_memory, summarize, time_reps
+    from itpn_d2.utils.memory import peak_memory
+    from itpn_d2.utils.precision import autocast_ctx
+    from itpn_d2.utils.timing import format_summary, summarize, time_reps
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     device = torch.device(args.device)
-    cfg = LazyConfig.load(os.path.join(ROOT, SEG_CONFIG))
-    if args.seg_arch:
-        cfg.model.backbone.net.update(hivit_arch(args.seg_arch, "official"))
-    if args.seg_opts:
-        cfg = LazyConfig.apply_overrides(cfg, args.seg_opts)
+
+    def set_arch(cfg):
+        if args.seg_arch:
+            cfg.model.backbone.net.update(hivit_arch(args.seg_arch, "official"))
+
+    cfg = load_config(os.path.join(ROOT, SEG_CONFIG), args.opts, edit=set_arch)
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).train()
     cfg.optimizer.params.model = model
@@ -372,11 +376,10 @@ def finetune_stage(mode, device, ctx):
             raise StageError(f"data generation {'timed out' if rc is None else f'exited {rc}'}:\n{_tail(out)}")
 
     def parse(out):
-        rows = []
+        from itpn_d2.utils.metrics_json import read_metrics
+
         path = os.path.join(ft_dir, "metrics.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                rows = [json.loads(ln) for ln in f if ln.strip()]
+        rows = read_metrics(ft_dir)
         merged = {}
         for r in rows:
             merged.update(r)
@@ -474,7 +477,8 @@ def parse_args(argv=None):
     p.add_argument("--seg-arch", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seg-warmup", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--seg-reps", type=int, default=3, help=argparse.SUPPRESS)
-    p.add_argument("--seg-opts", nargs="*", default=[], help=argparse.SUPPRESS)
+    # config overrides of the segmentation worker, as every tool's --opts (last on the line)
+    p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

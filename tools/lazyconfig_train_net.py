@@ -34,13 +34,16 @@ Examples::
     python tools/lazyconfig_train_net.py --config-file configs/COCO/mask_rcnn_itpn_tiny_demo.py \
         train.device=cpu train.amp.enabled=False
     python tools/lazyconfig_train_net.py --config-file cfg.py --eval-only train.init_checkpoint=model.pth
+
+Overrides go last, positional as in detectron2's script or after ``--opts`` as in every other
+tool of this repository (``--eval-only --opts train.init_checkpoint=model.pth``).
 """
 import logging
 import os
 import sys
 
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -66,7 +69,8 @@ from itpn_d2.engine.distributed import (  # noqa: E402
     launch,
     share_cpu_threads,
 )
-from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides, validate_config  # noqa: E402
+from itpn_d2.config import ConfigOverrideError, add_opts_argument, load_config as load_checked_config  # noqa: E402
+from itpn_d2.config import overrides_of, validate_config  # noqa: E402
 from itpn_d2.engine.run_lock import OutputDirLockedError, lock_output_dir  # noqa: E402
 from itpn_d2.engine.skipped_images import SkippedImagesMetric  # noqa: E402
 from itpn_d2.engine.trainer import NonFiniteLossError, TrainConfigError, amp_dtype_of, build_trainer  # noqa: E402
@@ -183,7 +187,8 @@ def load_config(args):
     may register datasets, which detectron2 allows once)."""
     cfg = _PRELOADED.get(os.getpid())
     if cfg is None:
-        cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        # positional overrides (detectron2's parser) or --opts, as the other tools take them
+        cfg = load_checked_config(args.config_file, overrides_of(args, "opts", "flag_opts"))
         validate_config(cfg, eval_only=args.eval_only)
         _PRELOADED[os.getpid()] = cfg
     return cfg
@@ -255,6 +260,7 @@ def get_parser():
         action="store_true",
         help="with --eval-only and no train.init_checkpoint: evaluate an untrained model on purpose",
     )
+    add_opts_argument(parser, dest="flag_opts")
     return parser
 
 

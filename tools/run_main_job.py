@@ -65,19 +65,6 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def last_metrics(output_dir: str) -> dict:
-    """Merge of all rows of detectron2's metrics.json (later rows win)."""
-    merged = {}
-    path = os.path.join(output_dir, "metrics.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    merged.update(json.loads(line))
-    return merged
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="output/demo")
@@ -157,7 +144,7 @@ def main(argv=None) -> None:
     took["reconstructions"] = run_stage("5/7 reconstructions of the pre-trained model",
               [py, "tools/visualize_reconstruction.py", "--config-file", PRETRAIN_CFG, "--checkpoint", pre_ckpt,
                "--input", os.path.join(root, "val", "images"), "--max-images", str(args.num_demo_images),
-               "--output", recon_dir, "train.device=cpu"],
+               "--output", recon_dir, "--opts", "train.device=cpu"],
               os.path.join(out, "reconstruct.log"))
     pred_dir = os.path.join(out, "predictions")
     took["detections"] = run_stage(
@@ -172,9 +159,11 @@ def main(argv=None) -> None:
          "--opts", f"train.init_checkpoint={seg_ckpt}"],
         os.path.join(out, "demo_seg.log"))
 
-    m = last_metrics(ft_dir)
+    from itpn_d2.utils.metrics_json import merged_metrics
+
+    m = merged_metrics(ft_dir)
     box_ap, mask_ap = m.get("bbox/AP"), m.get("segm/AP")
-    miou = last_metrics(seg_dir).get("sem_seg/mIoU")
+    miou = merged_metrics(seg_dir).get("sem_seg/mIoU")
     summary = {
         "box_AP": box_ap, "mask_AP": mask_ap, "box_AP50": m.get("bbox/AP50"), "mask_AP50": m.get("segm/AP50"),
         "mIoU": miou,

@@ -2,17 +2,18 @@
 """
 Visualise what an iTPN pre-training model reconstructs.
 
-For each input image, writes ``OUTPUT/<name>.png``:
+For each input image, writes ``OUTPUT/<name>.png``: four titled panels,
 original | masked input (masked units grey) | reconstruction | reconstruction with the
 visible units pasted back. The masks come from the model's eval-mode generator
-(``model.eval_mask_seed``), so figures are reproducible.
+(``model.eval_mask_seed``), so figures are reproducible. The log names the checkpoint loaded.
 
-Example:
+Example (the checkpoint of ``make demo``'s pre-training stage)::
+
     python tools/visualize_reconstruction.py \\
-        --config-file configs/pretrain/itpn_tiny_pixel_cpu.py \\
-        --checkpoint output/pretrain/model_final.pth \\
-        --input datasets/itpn_synthetic/unlabeled --output output/recon \\
-        train.device=cpu
+        --config-file configs/pretrain/mim_mfm_itpn_tiny_cpu.py \\
+        --checkpoint output/demo/pretrain/model_final.pth \\
+        --input datasets/itpn_synthetic/val/images --output output/recon \\
+        --opts train.device=cpu
 """
 import argparse
 import logging
@@ -20,16 +21,18 @@ import os
 import sys
 
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError, ITPNCheckpointer  # noqa: E402
+from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError  # noqa: E402
 from itpn_d2.data.image_folder import IMAGE_EXTENSIONS, load_image_folder  # noqa: E402
-from itpn_d2.engine.overrides import ConfigOverrideError, apply_overrides  # noqa: E402
+from itpn_d2.config import ConfigOverrideError, add_opts_argument, load_config  # noqa: E402
+from itpn_d2.utils.panel_titles import add_panel_titles  # noqa: E402
 from itpn_d2.utils.visualize_mim import load_eval_image, panels_from_model_output  # noqa: E402
+from itpn_d2.utils.weights import load_weights  # noqa: E402
 
 logger = logging.getLogger("itpn_d2.visualize_reconstruction")
 
@@ -46,7 +49,7 @@ def get_parser():
         help="input side (shorter side resized, centre crop); default: the config's mapper image_size or 224",
     )
     p.add_argument("--device", default=None, help="default: train.device of the config, else cpu")
-    p.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="config overrides key=value")
+    add_opts_argument(p)
     return p
 
 
@@ -64,22 +67,10 @@ def _output_name(file_name: str, root: str) -> str:
     return stem + ".png"
 
 
-def _load_weights(model, path: str) -> None:
-    if not path:
-        logger.warning("No --checkpoint given: visualising a randomly initialised model.")
-        return
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--checkpoint '{path}' does not exist")
-    # safe loading for every file name, integrity checks, exact backbone keys
-    ITPNCheckpointer(model).load(path)
-    logger.info(f"Weights: {path}")
-
-
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="itpn_d2")
-    cfg = LazyConfig.load(args.config_file)
-    cfg = apply_overrides(cfg, args.opts or [])  # unknown keys (typos) are refused
+    cfg = load_config(args.config_file, args.opts)
     size = args.size
     if size is None:
         try:
@@ -89,7 +80,8 @@ def main(argv=None):
     device = args.device or cfg.get("train", {}).get("device", "cpu")
 
     model = instantiate(cfg.model)
-    _load_weights(model, args.checkpoint)
+    # empty --checkpoint: a randomly initialised model, on purpose (warned)
+    load_weights(model, args.checkpoint, allow_random=True, log=logger)
     model.to(device).eval()
     if not hasattr(model, "reconstruct") and not hasattr(model, "pixel_decoder"):
         logger.warning(f"{type(model).__name__} does not look like a pre-training model")
@@ -107,7 +99,7 @@ def main(argv=None):
             out = model([{"image": image.to(device)}])
         (panel,) = panels_from_model_output(out)
         dst = os.path.join(args.output, _output_name(f, args.input))
-        Image.fromarray(panel).save(dst)
+        Image.fromarray(add_panel_titles(panel)).save(dst)
         written.append(dst)
         logger.info(f"{f} -> {dst}")
     if not written:

@@ -8,10 +8,11 @@ As sunsmarterjie/iTPN ``seg/configs/itpn/pixel_upernet_itpn_base_12_512_slide_16
   checkpoint, see ``train.new_by_design_keys``), drop path 0.1; UPerHead 768 channels on
   concat(pyramid, encoder) levels 384/512/768/768, pool scales 1/2/3/6, SyncBN; auxiliary FCN
   head on stride 16, weight 0.4; sliding-window test, 512 windows at stride 341.
-* optimizer: AdamW lr 3e-5 at 16 images, betas (0.9, 0.999), wd 0.05, layer decay 0.90 with
-  the release's segmentation constructor (rule ``release_seg``: per-layer rate
-  ``0.90 ** (13 / 32)``, so the patch embedding trains at 0.27 of the lr, the last block at 1.04;
-  weight decay on everything but 1-D tensors and biases, as that constructor).
+* optimizer: ``configs/common/optim.py`` (AdamW, betas (0.9, 0.999), wd 0.05, the fused kernel)
+  at lr 3e-5 for 16 images, layer decay 0.90 with the release's segmentation constructor (rule
+  ``release_seg``: per-layer rate ``0.90 ** (13 / 32)``, so the patch embedding trains at 0.27 of
+  the lr, the last block at 1.04; weight decay on everything but 1-D tensors (norms, layer-scale)
+  and biases, as that constructor: the relative position tables are decayed, as released).
 * schedule: poly (power 1, to 0) per iteration after 1500 linear warm-up iterations from 1e-6x;
   evaluation and checkpoint every 16k iterations; AMP.
 * data: ``configs/common/data/ade20k.py`` (resize 0.5-2.0, 512 crop with at most 75 % of one
@@ -28,12 +29,12 @@ ADE20K recipes; it is kept as released. Reported mIoU: 53.5 (pixel, 1600 ep) / 5
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
-from itpn_d2.lr_decay import hivit_lr_factor_func, layer_decay_param_groups
 from itpn_d2.modeling.slide_segmentor import SlidingWindowSemanticSegmentor
 from itpn_d2.schedule import iters_for_images, lr_at_batch, poly_lr_multiplier
 
 from ..common.data.ade20k import dataloader
 from ..common.models.uper_itpn import model
+from ..common.optim import AdamW as optimizer
 from ..common.train_compile import train_compile
 
 RELEASE_BATCH = 16  # 8 GPUs x samples_per_gpu=2
@@ -57,21 +58,11 @@ train.max_iter = iters_for_images(160000 * RELEASE_BATCH)
 train.eval_period = iters_for_images(16000 * RELEASE_BATCH)
 train.checkpointer.period = iters_for_images(16000 * RELEASE_BATCH)
 
-optimizer = model_zoo.get_config("common/optim.py").AdamW
+# the common AdamW with the release's segmentation constructor in place of its detection one
 optimizer.lr = lr_at_batch(3e-5, RELEASE_BATCH)
-optimizer.weight_decay = 0.05
-optimizer.params = L(layer_decay_param_groups)(
-    base_lr="${..lr}",
-    weight_decay="${..weight_decay}",
-    # num_layers = len(net.blocks), read from the model config so size variants need no second edit.
-    lr_factor_func=L(hivit_lr_factor_func)(
-        rule="release_seg",
-        lr_decay_rate=0.90,
-        mlp_depths="${....model.backbone.net.mlp_depths}",
-        depth="${....model.backbone.net.depth}",
-    ),
-    no_weight_decay="release_seg",
-)
+optimizer.params.lr_factor_func.rule = "release_seg"
+optimizer.params.lr_factor_func.lr_decay_rate = 0.90
+optimizer.params.no_weight_decay = "release_seg"
 
 lr_multiplier = L(poly_lr_multiplier)(
     max_iter="${train.max_iter}",

@@ -11,6 +11,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
+from itpn_d2.utils.panel_titles import add_panel_titles
 from itpn_d2.utils.visualize_mim import load_eval_image, panels_from_model_output, stack_rows
 
 __all__ = ["ReconstructionVisualizer", "BatchCallbackLoader"]
@@ -47,7 +48,7 @@ class ReconstructionVisualizer(HookBase):
     """
     Every ``period`` iterations (and after the last one), run the pre-training model in
     eval mode on a fixed set of images and write
-    ``{output_dir}/reconstructions/iter_{NNNNNNN}.png``: one row per image,
+    ``{output_dir}/reconstructions/iter_{NNNNNNN}.png``: a title row, then one row per image,
     original | masked input | reconstruction | reconstruction with visible units pasted.
 
     Runs on the main process only, under ``torch.no_grad``, inside a forked RNG state
@@ -117,7 +118,7 @@ class ReconstructionVisualizer(HookBase):
     @torch.no_grad()
     def render(self, model) -> np.ndarray:
         """Run ``model`` (a MaskedPretrainer, possibly DDP-wrapped) in eval mode on the images;
-        returns the (rows, 4 panels) uint8 figure. The model's train/eval mode is restored."""
+        returns the (title row + rows, 4 panels) uint8 figure. The model's train/eval mode is restored."""
         if self._images is None:
             self._images = self._load_images()
         model = _unwrap(model)
@@ -131,7 +132,7 @@ class ReconstructionVisualizer(HookBase):
                 out = model([{"image": im} for im in self._images])
         finally:
             model.train(was_training)
-        return stack_rows(panels_from_model_output(out))
+        return add_panel_titles(stack_rows(panels_from_model_output(out)))
 
     def write(self, iteration: int) -> Optional[str]:
         if not comm.is_main_process():

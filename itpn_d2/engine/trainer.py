@@ -43,6 +43,8 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from itpn_d2.utils.precision import cpu_has_native_bf16
+
 __all__ = [
     "NonFiniteLossError",
     "TrainConfigError",
@@ -263,14 +265,6 @@ class FiniteCheckAMPTrainer(ITPNTrainer):
     def __init__(self, model, data_loader, optimizer, **kwargs):
         kwargs.setdefault("grad_scaler", torch.amp.GradScaler("cuda"))
         super().__init__(model, data_loader, optimizer, device_type="cuda", amp_dtype=torch.float16, **kwargs)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (AVX-512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 _AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config.constants import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from .levels import PYRAMID_LEVELS, UNIT_SIZE
 from .unit_layout import map_to_units
 
@@ -208,8 +209,8 @@ class ExternalTeacher(_FrozenTeacher):
         self._freeze(self.model)
         self.project = project
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406))
-        std = std if std is not None else cfg.get("std", (0.229, 0.224, 0.225))
+        mean = mean if mean is not None else cfg.get("mean", tuple(v / 255 for v in IMAGENET_PIXEL_MEAN))
+        std = std if std is not None else cfg.get("std", tuple(v / 255 for v in IMAGENET_PIXEL_STD))
         self.register_buffer("s_mean", torch.tensor(student_pixel_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
         self.register_buffer("s_std", torch.tensor(student_pixel_std, dtype=torch.float32).view(1, -1, 1, 1), False)
         self.register_buffer("t_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), False)

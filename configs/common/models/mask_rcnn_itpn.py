@@ -7,13 +7,13 @@ anywhere). Sizes come from ``hivit_arch``; a variant patches ``model.backbone.ne
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
+from itpn_d2.config.constants import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from itpn_d2.modeling import FeaturePyramid, HiViT, ITPNBackbone, hivit_arch
 
 model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
 
-constants = model_zoo.get_config("common/data/constants.py").constants
-model.pixel_mean = constants.imagenet_rgb256_mean
-model.pixel_std = constants.imagenet_rgb256_std
+model.pixel_mean = list(IMAGENET_PIXEL_MEAN)
+model.pixel_std = list(IMAGENET_PIXEL_STD)
 model.input_format = "RGB"
 
 model.backbone = L(ITPNBackbone)(

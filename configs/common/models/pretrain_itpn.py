@@ -8,6 +8,7 @@ Variants patch ``model.backbone.net`` (size / layout), ``model.pixel_decoder.dep
 """
 from detectron2.config import LazyCall as L
 
+from itpn_d2.config.constants import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from itpn_d2.modeling import FeaturePyramid, HiViT, ITPNBackbone, hivit_arch
 from itpn_d2.modeling.decoder import PixelDecoder
 from itpn_d2.modeling.masking import RandomMaskGenerator
@@ -37,9 +38,9 @@ model = L(MaskedPretrainer)(
     teacher=None,
     mask_generator=L(RandomMaskGenerator)(),
     mask_ratio=0.75,
-    # ImageNet mean/std in 0-255 RGB (the mapper yields RGB, as detectron2's "RGB" format).
-    pixel_mean=[123.675, 116.28, 103.53],
-    pixel_std=[58.395, 57.12, 57.375],
+    # 0-255 RGB: the mapper yields RGB, as detectron2's "RGB" format
+    pixel_mean=list(IMAGENET_PIXEL_MEAN),
+    pixel_std=list(IMAGENET_PIXEL_STD),
     mim_weights=1.0,
     mfm_weights=(1.0, 1.0, 1.0),
     norm_pix_loss=True,

@@ -12,6 +12,7 @@ Sizes come from ``hivit_arch``; a variant patches ``model.backbone.net``.
 from detectron2.config import LazyCall as L
 from detectron2.modeling import SemanticSegmentor
 
+from itpn_d2.config.constants import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from itpn_d2.modeling.hivit import HiViT, hivit_arch
 from itpn_d2.modeling.pyramid import FeaturePyramid
 from itpn_d2.modeling.seg_backbone import ITPNSegBackbone, itpn_seg_output_shape
@@ -47,7 +48,7 @@ model = L(SemanticSegmentor)(
         aux_channels=256,
         aux_loss_weight=0.4,
     ),
-    # ImageNet mean/std in RGB 0-255, the pre-training normalisation.
-    pixel_mean=[123.675, 116.28, 103.53],
-    pixel_std=[58.395, 57.12, 57.375],
+    # the pre-training normalisation
+    pixel_mean=list(IMAGENET_PIXEL_MEAN),
+    pixel_std=list(IMAGENET_PIXEL_STD),
 )
