@@ -3,7 +3,7 @@
 Determinism: with drop path 0.1, a pre-training run killed (SIGKILL, inside a checkpoint
 write) and resumed ends with weights ``torch.equal`` to the uninterrupted run's, and so
 does a Mask R-CNN fine-tuning run (its data order resumes too); 1 vs 2 CPU processes agree
-to float rounding (bitwise equality cannot hold there: see the README, "Crash safety and
+to float rounding (bitwise equality cannot hold there: see docs/reliability.md, "Crash safety and
 bad input"). Before the fix, drop path drew from the per-rank global RNG: 1 vs 2 processes
 differed by ~2e-3 and a resumed run by ~1e-3.
 

@@ -233,7 +233,7 @@ def test_grad_accumulation_with_the_pretrainer_and_ema_teacher():
 
     With per-token target normalisation: the default "batch_token" standardises MFM targets over
     the images of each forward pass, so k accumulated batches normalise over B images each, not
-    over k*B (as BatchNorm under accumulation); the README says so."""
+    over k*B (as BatchNorm under accumulation); docs/distributed.md says so."""
     images = smooth_images(8, seed=3).round().to(torch.uint8)
     samples = [{"image": im, "mask_seed": 100 + i} for i, im in enumerate(images)]
     big = tiny_pretrainer(mim="fused", mfm=True, momentum=0.9)

@@ -19,7 +19,7 @@ sliding-window inference (the images are 256 px), and a higher lr for a run of a
 iterations (3e-5 at 16 images is for 160k).
 
 Status: 300 iterations reach mIoU 12.6 on ``itpn_synthetic_sem_seg_val`` by predicting background
-everywhere (README, main job): the stage runs end to end, but does not learn the task in this budget yet.
+everywhere (docs/main_job.md): the stage runs end to end, but does not learn the task in this budget yet.
 
 Measured (segtune, 2026-11-29; tiny pre-training checkpoint loaded strictly, ``OMP_NUM_THREADS=1``,
 two runs sharing the 2 loaded cores, so wall times are about 1.5-2x the CPU time; mIoU on the 50
@@ -28,7 +28,7 @@ validation images at 256 px, whole image; "bg only" = IoU background 88.5, every
 =====================================================================  ========  ============  =====
 settings (changes to this file)                                        iters     mIoU          wall
 =====================================================================  ========  ============  =====
-as this file (README, main job)                                        300 @ 8   12.6 bg only  -
+as this file (docs/main_job.md)                                        300 @ 8   12.6 bg only  -
 D: resize short edge 192-320 (0.75-1.25x the test scale), 128 crop,   300 @ 8   12.6 bg only  337 s
    flip, no PhotoMetricDistortion, lr 1e-3
 E: no resize or crop (the 256 image, the test scale), flip only        150 @ 4   12.6 bg only  258 s

@@ -22,7 +22,7 @@ checkpoint (``configs/pretrain``) or at a converted official / mmpretrain file
 ``train.backbone_load``: "strict" (every encoder and pyramid tensor must be in the file, with the
 right shape), "encoder_only" (pyramid left at its init, for the ablation), or "partial".
 
-Differences from the release (README, "Fine-tuning recipes"): pyramid depth 2 (the release builds
+Differences from the release (docs/recipes.md): pyramid depth 2 (the release builds
 1 and silently drops half of the pre-trained pyramid), LN instead of SyncBN in the box / mask
 heads, detectron2's RPN / ROI sampling defaults.
 """

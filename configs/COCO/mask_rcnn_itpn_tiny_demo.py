@@ -24,7 +24,7 @@ from ..common.optim import AdamW as optimizer
 from ..common.train_compile import train_compile
 
 FPN_DIM = 64
-MAX_ITER = 450  # with lr 6e-4 and 64 sampled ROIs: fits the 15-minute demo (README, main job)
+MAX_ITER = 450  # with lr 6e-4 and 64 sampled ROIs: fits the 15-minute demo (docs/main_job.md)
 
 # --- model -------------------------------------------------------------------------
 model.backbone.net.update(hivit_arch("tiny", "official"))
@@ -79,14 +79,14 @@ train.init_checkpoint = ""  # random init; the demo passes the pre-training chec
 train.backbone_load = "strict"
 train.output_dir = "./output/demo/finetune"
 train.device = "cpu"
-train.seed = 0  # a fixed seed: the demo (and its README numbers) can be reproduced
+train.seed = 0  # a fixed seed: the demo (and its numbers in docs/main_job.md) can be reproduced
 train.amp.enabled = False
 train.max_iter = MAX_ITER
 train.eval_period = MAX_ITER
 train.log_period = 20
 train.checkpointer.period = 200
 
-optimizer.lr = 6e-4  # 3e-4 converged slower (README, main job)
+optimizer.lr = 6e-4  # 3e-4 converged slower (docs/main_job.md)
 optimizer.params.lr_factor_func.lr_decay_rate = 0.9
 # The demo's lr 6e-4 was tuned with this project's earlier layer-decay rule (last block at
 # exactly 0.9, embeddings most decayed); the full-size configs use the release's ("release_det").

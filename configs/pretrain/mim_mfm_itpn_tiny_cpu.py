@@ -27,7 +27,7 @@ model.mfm_decoder = L(LevelDecoder)(
 # well inside a run of a few hundred; at 0.996 (250 iterations) a 150-iteration run's teacher
 # barely leaves its random start and loss_mfm_p4 ends at 0.50 of the position-only line, not
 # 0.35. The MFM weight rises linearly over the first 40 iterations: loss_mim after 150
-# iterations 0.62 instead of 0.74 at the same MFM level (one seed each; the README's MFM notes).
+# iterations 0.62 instead of 0.74 at the same MFM level (one seed each; docs/design.md, MFM).
 model.teacher = L(EMATeacher)(momentum=0.99, end_momentum=1.0, max_iter=0, targets="encoder")
 model.mfm_target_norm = "batch_token"
 model.mfm_warmup_iters = 40
@@ -38,7 +38,7 @@ dataloader.train.total_batch_size = 16
 dataloader.train.num_workers = 2
 
 train.device = "cpu"
-train.seed = 0  # a fixed seed: the demo (and its README numbers) can be reproduced
+train.seed = 0  # a fixed seed: the demo (and its numbers in docs/main_job.md) can be reproduced
 train.amp.enabled = False
 train.output_dir = "./output/pretrain/mim_mfm_itpn_tiny_cpu"
 train.checkpointer.period = 100
