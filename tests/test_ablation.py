@@ -1,14 +1,21 @@
-"""tools/ablate_integral.py: its statistics (t-interval, exact sign test), the reporting on fake
-runs (table, paired claims, plots), the commands it runs (pre-training kinds, tasks), reuse of
-finished runs, and the FLOPs per pre-training iteration (the runs themselves are the
-experiment, not a test)."""
-import importlib.util
+"""The integral ablation (itpn_d2.experiments, tools/ablate_integral.py): its statistics
+(t-interval, exact sign test), the reporting on fake runs (table, paired claims, plots), the
+commands it runs (pre-training kinds, tasks), reuse of finished runs, and the FLOPs per
+pre-training iteration (the runs themselves are the experiment, not a test)."""
 import json
 import math
 import os
+import subprocess
+import sys
+from dataclasses import replace
 
 import cv2
 import pytest
+
+from itpn_d2.evaluation import paired_stats as stats
+from itpn_d2.experiments import ablation_report as report
+from itpn_d2.experiments import integral_ablation
+from itpn_d2.experiments.ablation_variants import PRETRAIN_CFG, make_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = [0, 1, 2, 3, 4]
@@ -16,45 +23,43 @@ SEEDS = [0, 1, 2, 3, 4]
 
 @pytest.fixture(scope="module")
 def ablate():
-    spec = importlib.util.spec_from_file_location("ablate_integral", os.path.join(ROOT, "tools", "ablate_integral.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    # the module whose run() / pretrain_flops() the tests replace: run_ablation calls them there
+    return integral_ablation
 
 
 # ---------------------------------------------------------------- statistics
 
 
-def test_t_quantiles_and_sign_test(ablate):
+def test_t_quantiles_and_sign_test():
     # Student's t 97.5% quantiles (any table): df 1, 4, 10, 29
     for df, q in ((1, 12.7062), (4, 2.7764), (10, 2.2281), (29, 2.0452)):
-        assert ablate.t_ppf(0.975, df) == pytest.approx(q, abs=2e-4), df
-    assert ablate.t_cdf(0.0, 3) == pytest.approx(0.5)
-    assert ablate.t_cdf(-2.7764, 4) == pytest.approx(0.025, abs=1e-5)
+        assert stats.t_ppf(0.975, df) == pytest.approx(q, abs=2e-4), df
+    assert stats.t_cdf(0.0, 3) == pytest.approx(0.5)
+    assert stats.t_cdf(-2.7764, 4) == pytest.approx(0.025, abs=1e-5)
     # exact sign test: 5 of 5 positive is p = 2/32; 4 of 5 is 2*6/32
-    assert ablate.sign_test_p(5, 0) == pytest.approx(0.0625)
-    assert ablate.sign_test_p(1, 4) == pytest.approx(0.375)
-    assert ablate.sign_test_p(6, 0) == pytest.approx(0.03125)
-    assert ablate.sign_test_p(0, 0) == 1.0
+    assert stats.sign_test_p(5, 0) == pytest.approx(0.0625)
+    assert stats.sign_test_p(1, 4) == pytest.approx(0.375)
+    assert stats.sign_test_p(6, 0) == pytest.approx(0.03125)
+    assert stats.sign_test_p(0, 0) == 1.0
 
 
-def test_paired_differences(ablate):
+def test_paired_differences():
     a = {0: 10.0, 1: 12.0, 2: 11.0, 3: 13.0, 4: 9.0, 7: 99.0}  # seed 7 has no partner: left out
     b = {0: 9.0, 1: 10.0, 2: 10.5, 3: 10.0, 4: 8.0, 5: 0.0}
-    p = ablate.paired(a, b)
+    p = stats.paired(a, b)
     d = [1.0, 2.0, 0.5, 3.0, 1.0]
     assert p["seeds"] == SEEDS and p["diffs"] == d and p["n"] == 5
     half = 2.7764 * 1.0 / math.sqrt(5)  # sd of d is exactly 1
     assert p["mean"] == pytest.approx(1.5) and p["sd"] == pytest.approx(1.0)
     assert p["ci95"] == pytest.approx([1.5 - half, 1.5 + half], abs=1e-3)
     assert p["sign"] == {"pos": 5, "neg": 0, "ties": 0, "p": pytest.approx(0.0625)}
-    assert ablate.verdict(p) == "established: higher"  # the interval [0.26, 2.74] is above 0
+    assert stats.verdict(p) == "established: higher"  # the interval [0.26, 2.74] is above 0
     b[4] = 9.0  # d = [1, 2, 0.5, 3, 0]: mean 1.3, interval [-0.20, 2.80], one tie
-    p = ablate.paired(a, b)
-    assert p["ci95"][0] < 0 < p["ci95"][1] and ablate.verdict(p) == "not established"
+    p = stats.paired(a, b)
+    assert p["ci95"][0] < 0 < p["ci95"][1] and stats.verdict(p) == "not established"
     assert p["sign"] == {"pos": 4, "neg": 0, "ties": 1, "p": pytest.approx(0.125)}
-    assert ablate.verdict(ablate.paired({0: 1.0, 1: 0.0}, {0: 0.0, 1: 1.0})) == "not established"
-    assert ablate.verdict(ablate.paired({0: 1.0}, {0: 0.0})).startswith("n/a")
+    assert stats.verdict(stats.paired({0: 1.0, 1: 0.0}, {0: 0.0, 1: 1.0})) == "not established"
+    assert stats.verdict(stats.paired({0: 1.0}, {0: 0.0})).startswith("n/a")
 
 
 # ---------------------------------------------------------------- reporting on fake results
@@ -81,17 +86,17 @@ def _fake_runs():
     return runs
 
 
-def _tasks(ablate, tmp_path):
+def _tasks(tmp_path):
     seg_cfg = tmp_path / "seg_tiny.py"  # the real segmentation config is another issue's
     seg_cfg.write_text("# fake\n")
-    return ablate.make_tasks(["det", "seg"], seg_config=str(seg_cfg))
+    return make_tasks(["det", "seg"], seg_config=str(seg_cfg))
 
 
-def test_table_claims_report_and_plots(ablate, tmp_path):
-    tasks = _tasks(ablate, tmp_path)
+def test_table_claims_report_and_plots(tmp_path):
+    tasks = _tasks(tmp_path)
     variants = ["scratch", "backbone_only", "integral_mim", "integral_mim_mfm"]
     runs = _fake_runs()
-    table = ablate.summarise(runs, tasks, variants, ["iters", "flops"])
+    table = report.summarise(runs, tasks, variants, ["iters", "flops"])
     row = {(t["task"], t["budget"], t["variant"]): t for t in table}
     r = row[("det", "iters", "backbone_only")]
     assert r["seeds"] == 5 and r["box_AP"] == [12.0, pytest.approx(math.sqrt(2.5))] and r["mask_AP"][0] == 11.0
@@ -102,7 +107,7 @@ def test_table_claims_report_and_plots(ablate, tmp_path):
     assert ("det", "flops", "integral_mim_mfm") not in row  # not run at that budget
     assert row[("seg", "iters", "integral_mim")]["mIoU"][0] == 31.0
 
-    cl = ablate.claims(runs, tasks, variants, ["iters", "flops"])
+    cl = report.claims(runs, tasks, variants, ["iters", "flops"])
     by = {(c["task"], c["budget"], c["a"], c["b"], c["metric"], c["when"]): c for c in cl}
     c = by[("det", "iters", "integral_mim", "backbone_only", "box_AP", "final")]
     assert c["diffs"] == pytest.approx([2.0, 2.1, 2.2, 2.3, 2.4]) and c["verdict"] == "established: higher"
@@ -117,9 +122,9 @@ def test_table_claims_report_and_plots(ablate, tmp_path):
     flops = {"mim": {"student_fwd": 1e8, "teacher_fwd": 0.0, "batch": 16, "per_iter": 4.8e9,
                      "iterations": {"iters": 500, "flops": 900}}}
     curves = {"mim": {0: [[19, 0.9], [39, 0.8], [59, 0.7]]}, "backbone_only": {0: [[19, 1.0], [39, 0.9], [59, 0.9]]}}
-    mim = ablate.mim_claim(curves, last=2)
+    mim = report.mim_claim(curves, last=2)
     assert mim["diffs"] == [pytest.approx(0.75 - 0.9)] and mim["verdict"].startswith("n/a")
-    md = ablate.write_report(table, cl, flops, mim, str(tmp_path / "results.md"))
+    md = report.write_report(table, cl, flops, mim, str(tmp_path / "results.md"))
     assert "| mim | 0.100 | 0.000 | 16 | 4.80 | 500 / 900 |" in md
     assert "Task det, pre-training budget: equal flops" in md and "Task seg, pre-training budget: equal iters" in md
     assert "| backbone_only | 5 | 12.0 ± 1.6 | 11.0 ± 1.6 | 6.0 / 12.0 | 5.5 / 11.0 |" in md
@@ -127,21 +132,21 @@ def test_table_claims_report_and_plots(ablate, tmp_path):
             "(integral_mim - backbone_only) "
             "| box_AP | final | 5 | +2.20 | [+2.00, +2.40] | 5 / 0 / 0 | 0.062 | established: higher |") in md
     assert (tmp_path / "results.md").read_text().strip() == md.strip()
-    paths = ablate.plot(runs, table, tasks, variants, ["iters", "flops"], str(tmp_path))
-    ablate.plot_mim(curves, flops, str(tmp_path / "mim_loss.png"))
+    paths = report.plot(runs, table, tasks, variants, ["iters", "flops"], str(tmp_path))
+    report.plot_mim(curves, flops, str(tmp_path / "mim_loss.png"))
     for p in paths + [str(tmp_path / "mim_loss.png")]:
         assert cv2.imread(p) is not None, p
     assert sorted(os.path.basename(p) for p in paths) == ["curves_det.png", "curves_seg.png"]
 
 
-def test_tasks_name_missing_configs(ablate, tmp_path):
+def test_tasks_name_missing_configs(tmp_path):
     with pytest.raises(ValueError, match="--seg-config"):
-        ablate.make_tasks(["seg"])
+        make_tasks(["seg"])
     missing = str(tmp_path / "nope.py")
     with pytest.raises(FileNotFoundError, match="nope.py.*--seg-config"):
-        ablate.make_tasks(["seg"], seg_config=missing)
+        make_tasks(["seg"], seg_config=missing)
     with pytest.raises(FileNotFoundError, match="--det-config"):
-        ablate.make_tasks(["det"], det_config=missing)
+        make_tasks(["det"], det_config=missing)
 
 
 # ---------------------------------------------------------------- commands, reuse
@@ -171,7 +176,7 @@ def test_pretraining_commands_build_the_intended_models(ablate, tmp_path, monkey
 
 def test_finished_runs_are_read_back_not_rerun(ablate, tmp_path, monkeypatch):
     monkeypatch.setattr(ablate, "run", lambda cmd, log: pytest.fail("a finished run was re-run"))
-    tasks = _tasks(ablate, tmp_path)
+    tasks = _tasks(tmp_path)
     out = tmp_path / "ft"
     out.mkdir()
     (out / "model_final.pth").write_bytes(b"")
@@ -190,8 +195,8 @@ def test_finished_runs_are_read_back_not_rerun(ablate, tmp_path, monkeypatch):
 
 
 def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
-    """The whole tool on fake runs: the jobs it launches (configs, load modes, budgets,
-    checkpoints), the files it writes; a second call launches nothing."""
+    """The whole experiment (run_ablation, what the tool runs) on fake runs: the jobs it launches
+    (configs, load modes, budgets, checkpoints), the files it writes; a second call launches nothing."""
     seg_cfg = tmp_path / "seg_tiny.py"
     seg_cfg.write_text("# fake\n")
     fake_flops = {"backbone_only": 3e9, "mim": 4.5e9, "mim_mfm": 9e9}
@@ -226,9 +231,9 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ablate, "run", fake_run)
     out = tmp_path / "abl"
-    argv = ["--output-dir", str(out), "--seeds", "0", "1", "--pretrain-iters", "100", "--finetune-iters", "20",
-            "--evals", "2", "--tasks", "det", "seg", "--seg-config", str(seg_cfg)]
-    ablate.main(argv)
+    options = ablate.AblationOptions(output_dir=str(out), seeds=[0, 1], pretrain_iters=100, finetune_iters=20,
+                                     evals=2, tasks=["det", "seg"], seg_config=str(seg_cfg))
+    ablate.run_ablation(options)
     pre = [c for c in launched if "pretrain" in c[c.index("--config-file") + 1]]
     ft = [c for c in launched if c not in pre]
     dirs = sorted(os.path.basename(dict(x.split("=", 1) for x in c if "=" in x)["train.output_dir"]) for c in pre)
@@ -265,19 +270,35 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     (demo / "metrics.json").write_text(json.dumps({"iteration": 19, "loss_mim": 0.5, "total_loss": 0.8}) + "\n")
     launched.clear()
     out2 = tmp_path / "abl2"
-    ablate.main([*argv[2:], "--output-dir", str(out2), "--variants", "integral_mim_mfm", "--budgets", "iters",
-                 "--tasks", "det", "--pretrain-mim-mfm", str(demo / "model_final.pth")])
+    ablate.run_ablation(replace(options, output_dir=str(out2), variants=["integral_mim_mfm"], budgets=["iters"],
+                                tasks=["det"], pretrain_mim_mfm=str(demo / "model_final.pth")))
     assert [c for c in launched if "pretrain" in c[c.index("--config-file") + 1]] == []
     assert (out2 / "pretrain_mim_mfm_100it_s0" / "model_final.pth").read_bytes() == b"demo"
     assert json.loads((out2 / "results.json").read_text())["mim_curves"] == {"mim_mfm": {"0": [[19, 0.5]]}}
-    with pytest.raises(SystemExit, match="no such file"):
-        ablate.main([*argv, "--pretrain-mim-mfm", str(tmp_path / "nope.pth")])
+    with pytest.raises(ablate.AblationError, match="no such file"):
+        ablate.run_ablation(replace(options, pretrain_mim_mfm=str(tmp_path / "nope.pth")))
 
     launched.clear()
-    ablate.main(argv)  # everything finished: reused, nothing launched
+    ablate.run_ablation(options)  # everything finished: reused, nothing launched
     assert launched == []
-    ablate.main(argv + ["--report-only", "--seeds", "0", "1", "2"])  # seed 2 not run: reported without it
+    ablate.run_ablation(replace(options, report_only=True, seeds=[0, 1, 2]))  # seed 2 not run: reported without it
     assert launched == [] and len(json.loads((out / "results.json").read_text())["runs"]) == 2 * 2 * 9
+
+
+def test_command_line_flags_and_errors(tmp_path):
+    """tools/ablate_integral.py: one flag per AblationOptions field, with its defaults; an error
+    of the experiment is one "[ablation] ..." line and exit status 1."""
+    tool = os.path.join(ROOT, "tools", "ablate_integral.py")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    for field in integral_ablation.AblationOptions.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in r.stdout, field
+    r = subprocess.run([sys.executable, tool, "--output-dir", str(tmp_path / "abl"), "--tasks", "seg"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    last = r.stderr.strip().splitlines()[-1]  # after any library warnings
+    assert r.returncode == 1 and last.startswith("[ablation] task 'seg' needs --seg-config"), r.stderr
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -299,7 +320,7 @@ def test_pretrain_flops_per_iteration(ablate):
     assert 0 < f["backbone_only"]["student_fwd"] < f["mim"]["student_fwd"] < f["mim_mfm"]["student_fwd"]
     for v in f.values():
         assert v["batch"] == 4 and v["per_iter"] == 4 * (3 * v["student_fwd"] + v["teacher_fwd"])
-    cfg = LazyConfig.load(os.path.join(ROOT, ablate.PRETRAIN_CFG))
+    cfg = LazyConfig.load(os.path.join(ROOT, PRETRAIN_CFG))
     cfg.model.backbone.net.pretrain_img_size = 64
     cfg.model.backbone.net.depth = 2
     net = instantiate(cfg.model.backbone.net).eval()

@@ -1,6 +1,6 @@
-"""tools/gpu_check.py: its CPU mode runs every stage through the command line and writes one
-JSON with a number for every figure; a failing stage is recorded and does not stop the others."""
-import importlib.util
+"""tools/gpu_check.py (itpn_d2.benchmark.gpu_check): its CPU mode runs every stage through the
+command line and writes one JSON with a number for every figure; a failing stage is recorded and
+does not stop the others."""
 import json
 import math
 import os
@@ -9,15 +9,10 @@ import sys
 
 import pytest
 
+from itpn_d2.benchmark import gpu_check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "gpu_check.py")
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("itpn_gpu_check_tool", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _positive(fig, key):
@@ -41,9 +36,8 @@ def cpu_report(tmp_path_factory):
 
 def test_cpu_mode_every_stage_has_figures(cpu_report):
     report, stdout = cpu_report
-    tool = _tool()
     assert report["mode"] == "cpu" and report["device"] == "cpu"
-    assert list(report["stages"]) == list(tool.STAGES)
+    assert list(report["stages"]) == list(gpu_check.STAGES)
     for name, rec in report["stages"].items():
         assert rec["status"] == "ok", (name, rec.get("error"))
         assert rec["seconds"] > 0 and rec["command"]
@@ -65,13 +59,13 @@ def test_cpu_mode_every_stage_has_figures(cpu_report):
             _positive(det, k)
 
     seg = report["stages"]["seg"]["figures"]
-    assert seg["config"] == tool.SEG_CONFIG
+    assert seg["config"] == gpu_check.SEG_CONFIG
     for k in ("train_s_per_iter", "train_peak_memory_mib", "parameters_m"):
         _positive(seg, k)
     assert math.isfinite(seg["last_loss"])
 
     ft = report["stages"]["finetune"]["figures"]
-    assert ft["device"] == "cpu" and ft["iterations"] == tool.MODES["cpu"]["finetune"]["iters"]
+    assert ft["device"] == "cpu" and ft["iterations"] == gpu_check.MODES["cpu"]["finetune"]["iters"]
     assert isinstance(ft["box_AP"], float) and 0.0 <= ft["box_AP"] <= 100.0
     _positive(ft, "s_per_iter_median")
     assert os.path.exists(ft["metrics"])
@@ -87,7 +81,6 @@ def test_cpu_mode_every_stage_has_figures(cpu_report):
 
 
 def test_failing_stage_is_recorded_and_the_next_still_runs(tmp_path):
-    tool = _tool()
     ctx = {"out": str(tmp_path)}
     deadline = __import__("time").perf_counter() + 120
 
@@ -98,36 +91,34 @@ def test_failing_stage_is_recorded_and_the_next_still_runs(tmp_path):
         return [sys.executable, "-c", "print('[pretrain] fine')"], (lambda out: {"seen": "fine" in out}), None
 
     def silent(mode, device, ctx):  # exits 0 but prints none of the figures the parser expects
-        return [sys.executable, "-c", "pass"], tool.pretrain_stage("cpu", "cpu", ctx)[1], None
+        return [sys.executable, "-c", "pass"], gpu_check.pretrain_stage("cpu", "cpu", ctx)[1], None
 
-    rec = tool.run_stage("seg", broken, "cpu", "cpu", ctx, deadline)
+    rec = gpu_check.run_stage("seg", broken, "cpu", "cpu", ctx, deadline)
     assert rec["status"] == "failed" and "exit 3" in rec["error"] and "boom: no such kernel" in rec["error"]
-    rec = tool.run_stage("pretrain", silent, "cpu", "cpu", ctx, deadline)
+    rec = gpu_check.run_stage("pretrain", silent, "cpu", "cpu", ctx, deadline)
     assert rec["status"] == "failed" and "expected figure" in rec["error"]
-    rec = tool.run_stage("det", fine, "cpu", "cpu", ctx, deadline)
+    rec = gpu_check.run_stage("det", fine, "cpu", "cpu", ctx, deadline)
     assert rec["status"] == "ok" and rec["figures"] == {"seen": True}
 
 
 def test_stage_over_its_budget_is_killed_and_recorded(tmp_path):
-    tool = _tool()
-    saved = tool.MODES["cpu"]["seg"]["budget"]
-    tool.MODES["cpu"]["seg"]["budget"] = 2
+    saved = gpu_check.MODES["cpu"]["seg"]["budget"]
+    gpu_check.MODES["cpu"]["seg"]["budget"] = 2
     try:
         def slow(mode, device, ctx):
             return [sys.executable, "-c", "import time; time.sleep(60)"], None, None
 
         t0 = __import__("time").perf_counter()
-        rec = tool.run_stage("seg", slow, "cpu", "cpu", {"out": str(tmp_path)}, t0 + 120)
+        rec = gpu_check.run_stage("seg", slow, "cpu", "cpu", {"out": str(tmp_path)}, t0 + 120)
         assert rec["status"] == "timeout" and rec["seconds"] < 30
-        rec = tool.run_stage("seg", slow, "cpu", "cpu", {"out": str(tmp_path)}, t0 + 5)  # total budget spent
+        rec = gpu_check.run_stage("seg", slow, "cpu", "cpu", {"out": str(tmp_path)}, t0 + 5)  # total budget spent
         assert rec["status"] == "skipped" and "out of time" in rec["error"]
     finally:
-        tool.MODES["cpu"]["seg"]["budget"] = saved
+        gpu_check.MODES["cpu"]["seg"]["budget"] = saved
 
 
 def test_pretrain_parser_reads_a_gpu_report_with_reference():
     """The figures of a GPU run as tools/benchmark.py prints them (format of its f-strings)."""
-    tool = _tool()
     out = "\n".join([
         "[pretrain] matmul 8192x8192 bf16: 700000.0 GFLOP/s",
         "[pretrain] bf16 datasheet peak: 989.4 TFLOP/s dense",
@@ -141,21 +132,20 @@ def test_pretrain_parser_reads_a_gpu_report_with_reference():
         "[pretrain] reference bf16: MFU 6.5% of the datasheet peak (model FLOPs ...)",
         "[pretrain] ratio ours/reference bf16 (throughput): 1.25x",
     ])
-    fig = tool.pretrain_stage("gpu", "cuda", {"out": "/tmp"})[1](out)
+    fig = gpu_check.pretrain_stage("gpu", "cuda", {"out": "/tmp"})[1](out)
     assert fig["ours_s_per_iter"] == 0.128 and fig["ours_mfu"] == pytest.approx(0.081)
     assert fig["reference_mfu"] == pytest.approx(0.065) and fig["ratio_ours_over_reference"] == 1.25
     assert fig["datasheet_peak_tflops"] == 989.4 and fig["ours_peak_memory_mib"] == 30000
     # the same run without mmpretrain: our side and MFU are still reported, the reference says why
     ours_only = "\n".join(ln for ln in out.splitlines() if "reference" not in ln and "ratio" not in ln)
     ours_only += "\n[pretrain] reference: UNAVAILABLE: mmpretrain not importable (ModuleNotFoundError: x)"
-    fig = tool.pretrain_stage("gpu", "cuda", {"out": "/tmp"})[1](ours_only)
+    fig = gpu_check.pretrain_stage("gpu", "cuda", {"out": "/tmp"})[1](ours_only)
     assert fig["reference"] == "reference unavailable: mmpretrain not importable (ModuleNotFoundError: x)"
     assert fig["ours_mfu"] == pytest.approx(0.081) and fig["ratio_ours_over_reference"] is None
 
 
 def test_det_parser_reads_a_gpu_report():
     """bf16 lines carry the heads' precision in their tag, which the fp32 CPU mode never prints."""
-    tool = _tool()
     out = "\n".join([
         "[det] configs/COCO/mask_rcnn_itpn_base_1x.py: 110.00M parameters, batch 2",
         "[det] train 1024x1024 bf16 (heads bf16): 6.50 img/s; step median 0.3077 s (IQR 0.3-0.31, min 0.3, "
@@ -165,12 +155,12 @@ def test_det_parser_reads_a_gpu_report():
         "[det] inference 1024x1024 bf16 (heads bf16): latency median 0.1000 s (IQR 0.1-0.1, min 0.1, max 0.1, n=3) "
         "for batch 2",
     ])
-    cmd, parse, _ = tool.det_stage("gpu", "cuda", {"out": "/tmp"}, act_ckpt=True)
+    cmd, parse, _ = gpu_check.det_stage("gpu", "cuda", {"out": "/tmp"}, act_ckpt=True)
     assert "--det-sizes" in cmd and cmd[cmd.index("--det-sizes") + 1] == "1024x1024"
     assert cmd[cmd.index("--det-batch") + 1] == "2" and "model.backbone.net.use_act_checkpoint=True" in cmd
     fig = parse(out)
     assert fig["train_s_per_iter"] == 0.3077 and fig["train_peak_memory_mib"] == 21000
     assert fig["train_peak_memory_how"] == "torch.cuda.max_memory_allocated"
     assert fig["inference_s_per_batch"] == 0.1 and fig["activation_checkpointing"] is True
-    with pytest.raises(tool.StageError, match="train peak memory"):
+    with pytest.raises(gpu_check.StageError, match="train peak memory"):
         parse(out.replace("peak memory 21000", "peak memory n/a"))

@@ -478,20 +478,10 @@ def test_grad_accumulation_through_the_cli_and_resume(tmp_path):
 # ------------------------------------------------------------------ 7: the benchmark
 
 
-def _benchmark_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("itpn_benchmark_tool", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "benchmark.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_benchmark_flops_leave_out_recomputation():
+    from itpn_d2.benchmark import train_step as bench
     from itpn_d2.utils.flops import count_flops
 
-    bench = _benchmark_module()
     model = tiny_pretrainer(mim="fused", mfm=False).train()
     data = bench.loader_inputs(model, smooth_images(2).round().to(torch.uint8))
     assert all("ids_keep" in d and d["image"].dtype == torch.uint8 for d in data)

@@ -1,0 +1,135 @@
+"""``--what pretrain``: throughput, FLOP rate, MFU and peak memory of our pre-training step,
+rep by rep interleaved with mmpretrain's (:mod:`.reference`) when it runs; and the profiler
+tables of our step (``--profile``)."""
+import os
+import traceback
+
+import torch
+
+from itpn_d2.engine.compile import compile_modules
+from itpn_d2.utils.flops import datasheet_tflops, matmul_rate
+from itpn_d2.utils.memory import live_tensor_bytes, peak_memory
+from itpn_d2.utils.precision import native_low_precision
+from itpn_d2.utils.timing import format_summary, summarize, time_interleaved
+
+from .options import DTYPES, usable_dtypes
+from .reference import REFERENCE_CONFIG, ReferenceStep, ReferenceUnavailable, build_reference
+from .report import fmt_mem
+from .train_step import OursStep, build_ours, build_ours_optimizer, make_optimizer, model_flops, synthetic_images
+
+__all__ = ["bench_pretrain", "profile_pretrain"]
+
+
+def bench_pretrain(args, device, warmup, reps):
+    """Print the pre-training figures of every usable dtype; returns {(side, dtype): median step seconds}."""
+    dtypes = usable_dtypes(args, device, "pretrain")
+    torch.manual_seed(0)
+    ours, ours_cfg = build_ours(args, device)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    print(f"[pretrain] ours: {args.config}{' arch=' + args.arch if args.arch else ''}: {n_ours / 1e6:.2f}M parameters, "
+          f"batch {args.batch}, {args.img}px, mask ratio {args.mask_ratio}")
+    forward = ours
+    if args.compile:
+        print(f"[pretrain] ours: torch.compile on {', '.join(compile_modules(ours))}")
+
+    ref = ref_opt = None
+    ours_opt = build_ours_optimizer(ours_cfg, ours) if args.optimizer == "recipe" else make_optimizer(ours)
+    print(f"[pretrain] ours: optimizer {type(ours_opt).__name__} "
+          f"({'recipe' if args.optimizer == 'recipe' else 'plain 2-group'}, "
+          f"fused={ours_opt.defaults.get('fused')}, foreach={ours_opt.defaults.get('foreach')})")
+    want_ref = args.reference == "on" or (
+        args.reference == "auto" and args.arch is None and args.img == 224 and args.mask_ratio == 0.75
+        and "mmpretrain" in args.config)
+    if want_ref:
+        try:
+            ref, ref_path, ref_opt = build_reference(device)
+            n_ref = sum(p.numel() for p in ref.parameters())
+            print(f"[pretrain] reference: mmpretrain {REFERENCE_CONFIG} ({ref_path}): {n_ref / 1e6:.2f}M parameters")
+        except ReferenceUnavailable as e:
+            print(f"[pretrain] reference: UNAVAILABLE: {e}")
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            print(f"[pretrain] reference: UNAVAILABLE: building it failed ({type(e).__name__}: {e})")
+    else:
+        print("[pretrain] reference: not run (needs the mmpretrain-layout base config at 224 px, mask 0.75; "
+              "--reference on forces it)")
+
+    images = synthetic_images(args.batch, args.img)
+    on_gpu = torch.device(device).type == "cuda"
+    models = {"ours": ours, "reference": ref}
+    results = {}
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        if on_gpu:
+            n = 8192  # 2048^3 is too little work to fill a large GPU
+        else:
+            n = 2048 if native_low_precision(device, dtype) else 512  # emulated bf16: 2048^3 takes minutes
+        peak = matmul_rate(dtype, n=n, device=device, reps=3 if args.quick else 5, warmup=1)
+        print(f"[pretrain] matmul {n}x{n} {dname}: {peak:.1f} GFLOP/s")
+        card = None
+        if on_gpu and dtype != torch.float32:
+            card = args.peak_tflops or datasheet_tflops(torch.cuda.get_device_name(device), dtype)
+            print(f"[pretrain] {dname} datasheet peak: " + (
+                f"{card:.1f} TFLOP/s dense" if card else "unknown card (--peak-tflops gives it)"))
+        steps = {"ours": OursStep(ours, images, device, dtype, forward, ours_opt)}
+        if ref is not None:
+            try:
+                steps["reference"] = ReferenceStep(
+                    ref, images, device, dtype, ref_opt if args.optimizer == "recipe" else None)
+                steps["reference"]()  # fail here, not inside the timing loop
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                print(f"[pretrain] reference {dname}: UNAVAILABLE: its train step failed ({type(e).__name__}: {e})")
+                steps.pop("reference")
+        flops = {}
+        for name, step in steps.items():
+            flops[name] = model_flops(step.fwd_bwd, step.model)
+        times = time_interleaved(steps, warmup=warmup, reps=reps, device=device)
+        for name, step in steps.items():
+            s = summarize(times[name])
+            ips = args.batch / s["median"]
+            rate = flops[name] / s["median"] / 1e9
+            print(f"[pretrain] {name} {dname}: {ips:.2f} img/s; step {format_summary(s)}")
+            print(f"[pretrain] {name} {dname}: {flops[name] / args.batch / 1e9:.2f} GFLOP/img fwd+bwd; "
+                  f"{rate:.1f} GFLOP/s = {100 * rate / peak:.0f}% of the {dname} matmul rate")
+            if card:
+                print(f"[pretrain] {name} {dname}: MFU {100 * rate / (card * 1e3):.1f}% of the datasheet peak "
+                      "(model FLOPs of the step from torch.utils.flop_counter / step time)")
+            if not args.no_memory:
+                others = [n for n in steps if n != name]
+                other_bytes = 0
+                if on_gpu and others:  # the other side's weights, gradients and optimizer state are not ours
+                    other_bytes = live_tensor_bytes(*[models[n] for n in others], *[steps[n].opt for n in others])
+                mem = peak_memory(step, device)
+                if other_bytes and mem["bytes"] is not None:
+                    mem = {"bytes": mem["bytes"] - other_bytes,
+                           "how": f"{mem['how']} minus the other side's {other_bytes / 2**20:.0f} MiB of live tensors"}
+                print(f"[pretrain] {name} {dname}: peak memory {fmt_mem(mem)}")
+            results[(name, dname)] = s["median"]
+        if "reference" in steps:
+            r = results[("reference", dname)] / results[("ours", dname)]
+            print(f"[pretrain] ratio ours/reference {dname} (throughput): {r:.2f}x")
+        for step in steps.values():
+            step.opt.zero_grad(set_to_none=True)
+        del steps
+    if args.profile:
+        profile_pretrain(ours, forward, images, device, dtypes, args.profile, ours_opt)
+    return results
+
+
+def profile_pretrain(model, forward, images, device, dtypes, out_dir, optimizer=None):
+    """Write ``pretrain_<dtype>.txt``: torch.profiler's table of one step of ours, per dtype."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(out_dir, exist_ok=True)
+    for dname in dtypes:
+        step = OursStep(model, images, device, DTYPES[dname], forward, optimizer)
+        step()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        path = os.path.join(out_dir, f"pretrain_{dname}.txt")
+        with open(path, "w") as f:
+            f.write(table)
+        print(f"[profile] {dname}: {path}")

@@ -1,0 +1,345 @@
+"""The integral ablation: what the pyramid in pre-training and MFM each add (``tools/ablate_integral.py``).
+
+Tiny iTPN fine-tuned from each variant of :data:`.ablation_variants.VARIANTS` (scratch,
+backbone-only MIM, encoder of the integral MIM, integral MIM, integral MIM + MFM), per task,
+seed and pre-training budget (equal iterations, or equal FLOPs: :func:`pretrain_flops`,
+:func:`budget_iters`).
+
+:func:`run_ablation` runs the whole experiment into one folder and reports it
+(:mod:`.ablation_report`). Its layout, which later sessions read back:
+
+* ``flops.json``: FLOPs per pre-training iteration of each kind (:data:`FLOP_CONVENTION`) and
+  its iterations under each budget; counts of another convention are redone;
+* ``pretrain_<kind>_<iters>it_s<seed>/``: one pre-training run;
+* ``ft_<task>_<variant>[@flops]_s<seed>/``: one fine-tuning run;
+* ``results.json``, ``results.md``, ``curves_<task>.png``, ``mim_loss.png``: the report.
+
+A run whose ``model_final.pth`` exists is finished and only read back (:func:`pretrain`,
+:func:`finetune`); any other is started with ``--resume``, so an interrupted one continues.
+Each run is a ``tools/lazyconfig_train_net.py`` subprocess (:func:`run`).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+from itpn_d2.utils.checkout import REPO_ROOT
+from itpn_d2.utils.flops import FLOP_CONVENTION
+from itpn_d2.utils.metrics_json import read_metrics
+
+from .ablation_report import claims, mim_claim, plot, plot_mim, summarise, write_report
+from .ablation_variants import (
+    BUDGETS,
+    FINETUNE_CFG,
+    PRETRAININGS,
+    VARIANTS,
+    Task,
+    budget_of,
+    make_tasks,
+)
+
+__all__ = [
+    "AblationError",
+    "AblationOptions",
+    "run_ablation",
+    "run",
+    "pretrain_flops",
+    "budget_iters",
+    "pretrain",
+    "mim_curve",
+    "finetune",
+]
+
+
+class AblationError(RuntimeError):
+    """The ablation cannot go on: a bad option, a missing file or a failed run (the message says which)."""
+
+
+@dataclass
+class AblationOptions:
+    """Everything :func:`run_ablation` needs; ``tools/ablate_integral.py`` has one flag per field
+    and ``results.json`` records them under ``"args"``.
+
+    Attributes:
+        output_dir: the experiment's folder (every run and the report).
+        seeds: fine-tuning seeds.
+        pretrain_seeds: pre-training seeds; fine-tuning seed number i uses pre-training seed
+            i mod their count.
+        pretrain_iters: the equal-iterations budget (the demo's 500).
+        finetune_iters: iterations of each fine-tuning (the demo's schedule).
+        evals: evaluations during each fine-tuning run.
+        variants: names of :data:`VARIANTS` to run.
+        budgets: names of :data:`BUDGETS` to run.
+        tasks: "det" and / or "seg".
+        det_config: the detection fine-tuning config.
+        seg_config: the segmentation fine-tuning config (task "seg").
+        seg_metric: metrics.json key of the segmentation metric.
+        pretrain_mim_mfm: a finished MIM + MFM pre-training checkpoint (same config and
+            ``pretrain_iters``) to stand for the equal-iterations one of the first pre-training
+            seed; its metrics.json beside it gives the MIM-loss curve.
+        report_only: no new runs: report the finished ones.
+        jobs: runs at once, each with cores / jobs torch threads.
+    """
+
+    # field order is the order of the tool's flags and of "args" in results.json
+    output_dir: str = "output/ablation"
+    seeds: Sequence[int] = (0, 1, 2, 3, 4)
+    pretrain_seeds: Sequence[int] = (0,)
+    pretrain_iters: int = 500
+    finetune_iters: int = 450
+    evals: int = 3
+    variants: Sequence[str] = tuple(VARIANTS)
+    budgets: Sequence[str] = BUDGETS
+    tasks: Sequence[str] = ("det",)
+    det_config: str = FINETUNE_CFG
+    seg_config: Optional[str] = None
+    seg_metric: str = "sem_seg/mIoU"
+    pretrain_mim_mfm: Optional[str] = None
+    report_only: bool = False
+    jobs: int = 1
+
+
+# Torch threads per run when several run at once (``jobs``). Module state rather than an
+# argument of run() because every run of one experiment shares it and run() is the one
+# seam a test replaces.
+_threads_per_run: Optional[int] = None
+
+
+def run(cmd, log_path):
+    """Run ``cmd`` from the repository root, its output appended to ``log_path``; raise
+    ``RuntimeError`` (the log's tail on stderr) if it fails."""
+    print("$ " + " ".join(cmd), flush=True)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if _threads_per_run:
+        env.setdefault("OMP_NUM_THREADS", str(_threads_per_run))
+    with open(log_path, "a") as log:
+        rc = subprocess.call(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if rc != 0:
+        with open(log_path) as f:
+            sys.stderr.write("".join(f.readlines()[-30:]))
+        raise RuntimeError(f"command failed (exit {rc}); log: {log_path}")
+
+
+def _finite(v) -> float:
+    return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+# ---------------------------------------------------------------------------- FLOPs
+
+
+def pretrain_flops(kind: str, overrides: Sequence[str] = ()) -> Dict[str, float]:
+    """FLOPs of one pre-training iteration of ``kind`` (``itpn_d2.utils.flops``: 2 per multiply-add).
+
+    Returns {"student_fwd", "teacher_fwd"} per image, "batch", and "per_iter" =
+    batch x (3 x student_fwd + teacher_fwd): the student's backward is taken as twice its
+    forward (the usual estimate), the teacher runs forward only; losses and the EMA update
+    (elementwise) are left out.
+    """
+    import torch
+    from detectron2.config import instantiate
+
+    from itpn_d2.config import load_config
+    from itpn_d2.utils.flops import forward_flops
+
+    cfg_path, kind_overrides = PRETRAININGS[kind]
+    cfg = load_config(os.path.join(REPO_ROOT, cfg_path), [*kind_overrides, *overrides])
+    model = instantiate(cfg.model).eval()
+    size = int(cfg.dataloader.train.mapper.image_size)
+    grid = (size // model.unit_size, size // model.unit_size)
+    images = torch.zeros(1, 3, size, size)
+    ids_keep, _ = model.make_mask(1, grid, generator=torch.Generator().manual_seed(0))
+
+    class Student(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, ids):
+            out = self.m.predict(x, ids)
+            preds = []
+            for part in (out["mim"], out["mfm"]):
+                if part is not None:
+                    preds += list(part) if isinstance(part, (list, tuple)) else [part]
+            return tuple(preds)
+
+    student = forward_flops(Student(model), images, ids_keep)
+    teacher = forward_flops(model.teacher, images) if model.teacher is not None else 0
+    batch = int(cfg.dataloader.train.total_batch_size)
+    return {"student_fwd": float(student), "teacher_fwd": float(teacher), "batch": batch,
+            "per_iter": float(batch * (3 * student + teacher)), "convention": FLOP_CONVENTION}
+
+
+def budget_iters(flops: Dict[str, Dict[str, float]], iters: int) -> Dict[str, int]:
+    """Equal compute: each kind's iterations so that its FLOPs match the most expensive kind's at ``iters``."""
+    ref = max(f["per_iter"] for f in flops.values())
+    return {k: int(round(iters * ref / f["per_iter"])) for k, f in flops.items()}
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def pretrain(kind: str, out: str, iters: Optional[int], seed: int = 0) -> str:
+    """Run (or reuse, or resume) one pre-training; returns its final checkpoint."""
+    ckpt = os.path.join(out, "model_final.pth")
+    if os.path.exists(ckpt):
+        print(f"[ablation] reusing {ckpt}")
+        return ckpt
+    cfg, overrides = PRETRAININGS[kind]
+    cmd = [sys.executable, "tools/lazyconfig_train_net.py", "--config-file", cfg, "--resume",
+           f"train.output_dir={out}", f"train.seed={seed}", *overrides]
+    if iters:
+        cmd += [f"train.max_iter={iters}"]
+    os.makedirs(out, exist_ok=True)
+    run(cmd, os.path.join(out, "run.log"))
+    return ckpt
+
+
+def mim_curve(out: str) -> List[List[float]]:
+    """[(iteration, MIM loss)] of a pre-training run. A run whose only loss is MIM logs it
+    as ``total_loss`` (detectron2 logs a single term under that name alone)."""
+    curve = []
+    for r in read_metrics(out):
+        if "loss_mim" in r:
+            curve.append([r["iteration"], r["loss_mim"]])
+        elif "total_loss" in r and not any(k.startswith("loss_") for k in r):
+            curve.append([r["iteration"], r["total_loss"]])
+    return curve
+
+
+def finetune(task: Task, variant: str, ckpt: Optional[str], load_mode: str, seed: int, iters: int, evals: int,
+             out: str, budget: str = "iters") -> dict:
+    """Run (or reuse, or resume) one fine-tuning; returns its record:
+    {"task", "variant", "budget", "seed", "loss": [(iter, total_loss)],
+     "evals": [(iters trained, {metric: value})], "final": {metric: value}}."""
+    if not os.path.exists(os.path.join(out, "model_final.pth")):
+        os.makedirs(out, exist_ok=True)
+        cmd = [sys.executable, "tools/lazyconfig_train_net.py", "--config-file", task.config, "--resume",
+               f"train.output_dir={out}", f"train.seed={seed}", f"train.max_iter={iters}",
+               f"train.eval_period={max(iters // evals, 1)}", f"train.checkpointer.period={iters}",
+               "train.log_period=10", f"train.backbone_load={load_mode}",
+               f"train.init_checkpoint={ckpt or ''}", *task.extra]
+        run(cmd, os.path.join(out, "run.log"))
+    rows = read_metrics(out)
+    loss = [(r["iteration"], r["total_loss"]) for r in rows if "total_loss" in r]
+    keys = list(task.metrics.values())
+    # the final evaluation is logged one past max_iter - 1
+    evs = [(min(r["iteration"] + 1, iters), {m: _finite(r.get(k)) for m, k in task.metrics.items()})
+           for r in rows if any(k in r for k in keys)]
+    if not evs:
+        raise RuntimeError(f"{out}/metrics.json has no {keys}: did the run evaluate?")
+    return {"task": task.name, "variant": variant, "budget": budget, "seed": seed, "loss": loss,
+            "evals": evs, "final": evs[-1][1]}
+
+
+# ---------------------------------------------------------------------------- the experiment
+
+
+def run_ablation(options: AblationOptions) -> List[dict]:
+    """Run (or reuse, or resume) every pre-training and fine-tuning ``options`` asks for, then
+    write the report into ``options.output_dir``; returns the fine-tuning records.
+
+    Raises :class:`AblationError` for a bad task, a missing ``pretrain_mim_mfm`` file or a failed run.
+    """
+    global _threads_per_run
+    try:
+        tasks = make_tasks(options.tasks, options.det_config, options.seg_config, options.seg_metric)
+    except (ValueError, FileNotFoundError) as e:
+        raise AblationError(str(e)) from e
+    _threads_per_run = max(1, (os.cpu_count() or 1) // options.jobs) if options.jobs > 1 else None
+    out = os.path.abspath(options.output_dir)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+
+    kinds = sorted({VARIANTS[v][0] for v in options.variants} - {None})
+    flops_path = os.path.join(out, "flops.json")
+    flops = {}
+    if os.path.exists(flops_path):
+        with open(flops_path) as f:
+            # counts of another convention (fvcore's, one per multiply-add, before) are redone
+            flops = {k: v for k, v in json.load(f).items() if v.get("convention") == FLOP_CONVENTION}
+    for k in kinds:
+        if k not in flops:
+            flops[k] = pretrain_flops(k)
+    iters = {"iters": {k: options.pretrain_iters for k in kinds},
+             "flops": budget_iters({k: flops[k] for k in kinds}, options.pretrain_iters)}
+    for k in kinds:
+        flops[k]["iterations"] = {b: iters[b][k] for b in BUDGETS}
+    with open(flops_path, "w") as f:
+        json.dump(flops, f, indent=1)
+
+    def pre_dir(kind, budget, seed):
+        return os.path.join(out, f"pretrain_{kind}_{iters[budget][kind]}it_s{seed}")
+
+    if options.pretrain_mim_mfm and "mim_mfm" in kinds:
+        given = os.path.abspath(options.pretrain_mim_mfm)
+        if not os.path.isfile(given):
+            raise AblationError(f"--pretrain-mim-mfm {options.pretrain_mim_mfm}: no such file")
+        d = pre_dir("mim_mfm", "iters", options.pretrain_seeds[0])
+        os.makedirs(d, exist_ok=True)
+        beside = os.path.join(os.path.dirname(given), "metrics.json")
+        for name, src in (("model_final.pth", given), ("metrics.json", beside)):
+            dst = os.path.join(d, name)
+            if os.path.exists(src) and not os.path.lexists(dst):
+                os.symlink(src, dst)
+
+    pre_jobs = sorted({(k, b, s) for k in kinds for b in options.budgets for s in options.pretrain_seeds},
+                      key=lambda j: (iters[j[1]][j[0]], j))
+    pre_jobs = list(dict.fromkeys((k, pre_dir(k, b, s), iters[b][k], s) for k, b, s in pre_jobs))
+    if not options.report_only:
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
+                list(pool.map(lambda j: pretrain(j[0], j[1], j[2], j[3]), pre_jobs))
+        except RuntimeError as e:
+            raise AblationError(str(e)) from e
+
+    def ft_job(task, v, budget, i, seed):
+        kind, load_mode = VARIANTS[v]
+        b = budget_of(v, budget)
+        ckpt = None
+        if kind is not None:
+            ckpt = os.path.join(pre_dir(kind, b, options.pretrain_seeds[i % len(options.pretrain_seeds)]), "model_final.pth")
+        tag = v if b == "iters" else f"{v}@flops"
+        return (task, v, b, seed, ckpt, load_mode, os.path.join(out, f"ft_{task.name}_{tag}_s{seed}"))
+
+    jobs = list(dict.fromkeys(ft_job(t, v, b, i, s) for t in tasks.values() for b in options.budgets
+                              for i, s in enumerate(options.seeds) for v in options.variants))
+
+    def one(job):
+        task, v, b, seed, ckpt, load_mode, d = job
+        if options.report_only and not os.path.exists(os.path.join(d, "model_final.pth")):
+            return None
+        print(f"[ablation] {task.name}: fine-tuning {v} (pre-training budget {b}), seed {seed}", flush=True)
+        return finetune(task, v, ckpt, load_mode, seed, options.finetune_iters, options.evals, d, budget=b)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
+            runs = [r for r in pool.map(one, jobs) if r is not None]
+    except RuntimeError as e:
+        raise AblationError(str(e)) from e
+
+    curves = {}  # the equal-iterations pre-trainings: MIM loss with and without the pyramid
+    for k in kinds:
+        for s in options.pretrain_seeds:
+            d = pre_dir(k, "iters", s)
+            if os.path.exists(os.path.join(d, "metrics.json")):
+                curves.setdefault(k, {})[s] = mim_curve(d)
+    table = summarise(runs, tasks, options.variants, options.budgets)
+    claim_rows = claims(runs, tasks, options.variants, options.budgets)
+    mim = mim_claim(curves)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"args": asdict(options), "flops": flops, "runs": runs, "table": table, "claims": claim_rows,
+                   "mim_curves": curves, "mim_claim": mim}, f, indent=1)
+    md = write_report(table, claim_rows, flops, mim, os.path.join(out, "results.md"))
+    if runs:
+        plot(runs, table, tasks, options.variants, options.budgets, out)
+    if curves:
+        plot_mim(curves, flops, os.path.join(out, "mim_loss.png"))
+    print(md)
+    print(f"[ablation] {len(runs)} fine-tuning runs in {(time.perf_counter() - t0) / 60:.1f} min; "
+          f"wrote {out}/results.md, results.json and the plots")
+    return runs
