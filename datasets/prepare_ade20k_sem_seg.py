@@ -7,55 +7,16 @@ with 0..149 = classes and 255 = ignore. This writes those files:
 
     python datasets/prepare_ade20k_sem_seg.py            # $DETECTRON2_DATASETS or ./datasets
     python datasets/prepare_ade20k_sem_seg.py --root /data/ADEChallengeData2016
+
+The conversion: ``itpn_d2/data/ade20k.py``.
 """
 
 import argparse
 import os
-from concurrent.futures import ProcessPoolExecutor
+import sys
 
-import numpy as np
-from PIL import Image
-
-SPLITS = ("training", "validation")
-
-
-def convert_label(label: np.ndarray) -> np.ndarray:
-    """ADE20K (0 other, 1..150) -> detectron2 (255 ignore, 0..149)."""
-    if label.ndim != 2:
-        raise ValueError(f"expected a single-channel label map, got shape {label.shape}")
-    if label.max(initial=0) > 150:
-        raise ValueError(f"label values above 150 ({label.max()}): not an ADE20K-150 annotation")
-    out = label.astype(np.int64) - 1
-    out[out < 0] = 255
-    return out.astype(np.uint8)
-
-
-def _convert_file(args):
-    src, dst = args
-    label = np.asarray(Image.open(src))
-    try:
-        out = convert_label(label)
-    except ValueError as e:
-        raise ValueError(f"{src}: {e}") from None
-    Image.fromarray(out).save(dst)
-
-
-def convert_split(root: str, split: str, workers: int = 4) -> int:
-    src_dir = os.path.join(root, "annotations", split)
-    dst_dir = os.path.join(root, "annotations_detectron2", split)
-    if not os.path.isdir(src_dir):
-        raise FileNotFoundError(f"{src_dir} not found: unpack ADEChallengeData2016.zip under {os.path.dirname(root)}")
-    os.makedirs(dst_dir, exist_ok=True)
-    jobs = [
-        (os.path.join(src_dir, f), os.path.join(dst_dir, f)) for f in sorted(os.listdir(src_dir)) if f.endswith(".png")
-    ]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as ex:
-            list(ex.map(_convert_file, jobs, chunksize=64))
-    else:
-        for j in jobs:
-            _convert_file(j)
-    return len(jobs)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from itpn_d2.data.ade20k import SPLITS, convert_split  # noqa: E402
 
 
 def main(argv=None):

@@ -426,11 +426,9 @@ def test_configs_that_register_datasets_run_through_the_cli(tmp_path, procs):
 
 
 def test_demo_refuses_typos_and_missing_weights_and_skips_unreadable_images(tmp_path, capsys):
-    import importlib.util
+    from itpn_d2.utils import demo
+    from itpn_d2.utils.predictor import LazyPredictor
 
-    spec = importlib.util.spec_from_file_location("itpn_demo_adv", os.path.join(ROOT, "tools", "demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     images = tmp_path / "in"
     images.mkdir()
     Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(images / "ok.png")
@@ -444,7 +442,7 @@ def test_demo_refuses_typos_and_missing_weights_and_skips_unreadable_images(tmp_
         demo.main(["--config-file", DET_TINY, "--input", str(images)])
     assert e.value.code == 1 and "--random-weights" in capsys.readouterr().err
 
-    model = demo.LazyPredictor(demo.setup_cfg(demo.get_parser().parse_args(["--config-file", DET_TINY, "--input", "x"]))).model
+    model = LazyPredictor(demo.setup_cfg(demo.get_parser().parse_args(["--config-file", DET_TINY, "--input", "x"]))).model
     ckpt = tmp_path / "m.pth"
     torch.save({"model": model.state_dict()}, ckpt)
     out = tmp_path / "out"

@@ -1,7 +1,6 @@
-"""tools/demo.py on CPU with tiny Mask R-CNN and UPerNet configs and random weights saved
+"""tools/demo.py (itpn_d2.utils.demo) on CPU with tiny Mask R-CNN and UPerNet configs and random weights saved
 to a checkpoint: images, a folder, a glob, a video; outputs are valid renderings."""
 
-import importlib.util
 import os
 
 import cv2
@@ -10,17 +9,11 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 
+from itpn_d2.utils import demo
+from itpn_d2.utils.predictor import LazyPredictor
+from itpn_d2.utils.weights import load_weights
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("itpn_demo", os.path.join(ROOT, "tools", "demo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-demo = _load_demo()
 
 MASK_RCNN_TINY = f"""
 from detectron2.config import LazyConfig
@@ -90,8 +83,8 @@ def test_demo_loads_the_checkpoint_weights(tmp_path):
     assert cfg.train.device == "cpu"
     assert cfg.model.roi_heads.box_predictor.test_score_thresh == 0.5
     torch.manual_seed(123)  # different random init than the checkpoint
-    predictor = demo.LazyPredictor(cfg)
-    demo.load_weights(predictor.model, cfg, demo.setup_logger(name="t"))
+    predictor = LazyPredictor(cfg)
+    load_weights(predictor.model, cfg.train.init_checkpoint, backbone_load=cfg.train.get("backbone_load", "strict"))
     for k, v in predictor.model.state_dict().items():
         assert torch.equal(v, sd[k]), k
 

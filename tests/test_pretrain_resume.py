@@ -1,7 +1,7 @@
 """Pre-training through detectron2's engine: a run stopped after a checkpoint and resumed
 continues the loss curve of an uninterrupted run exactly (CPU, fixed seeds).
 
-The loop is ``tools/lazyconfig_train_net.py``'s ``do_train`` with stock detectron2 parts
+The loop is ``itpn_d2.engine.lazyconfig_run.do_train`` with stock detectron2 parts
 (SimpleTrainer, LRScheduler, DetectionCheckpointer + PeriodicCheckpointer), the model,
 optimizer and schedule from ``configs/pretrain/mim_mfm_itpn_tiny_cpu.py``, and an in-memory
 data stream whose batch depends only on the iteration.

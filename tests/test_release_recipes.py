@@ -321,21 +321,18 @@ def test_photometric_distortion_leaves_labels_and_applies_half_the_time():
 
 
 def test_training_script_passes_the_declaration_and_eval_only_does_not(tmp_path):
-    import importlib.util
+    from itpn_d2.engine.lazyconfig_run import make_checkpointer
 
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(ROOT, "tools", "lazyconfig_train_net.py"))
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
     cfg, model = _tiny_seg()
     cfg.train.output_dir = str(tmp_path)
     path, _ = _pixel_checkpoint(tmp_path)
-    ck = train_net.make_checkpointer(cfg, model)
+    ck = make_checkpointer(cfg, model)
     ck.resume_or_load(path, resume=False)
     assert len(ck.last_load_report["new_by_design"]) == 6
     from itpn_d2.checkpoint import BackboneLoadError
 
     with pytest.raises(BackboneLoadError):  # --eval-only wants a trained model: every tensor
-        train_net.make_checkpointer(cfg, model, backbone_load="strict", new_by_design=[]).load(path)
+        make_checkpointer(cfg, model, backbone_load="strict", new_by_design=[]).load(path)
 
 
 def test_tiny_segmentation_demo_loads_the_tiny_pretraining_checkpoint_strictly(tmp_path):

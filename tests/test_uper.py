@@ -237,3 +237,100 @@ def test_built_from_a_pretraining_checkpoint(tmp_path):
     torch.save({"model": {"backbone." + k: v for k, v in shallow.state_dict().items()}}, bad)
     with pytest.raises(BackboneLoadError, match="block_16to8.1"):
         ITPNCheckpointer(build_tiny()).load(str(bad), checkpointables=[])
+
+
+def _write_sem_seg_samples(folder, n_good=4, size=64):
+    """``n_good`` readable image / label pairs, an unreadable image, an unreadable label map and
+    a label map of the wrong size: dataset dicts as ``load_sem_seg`` makes them."""
+    import cv2
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(0)
+    dicts = []
+
+    def sample(name, image=True, label=True, label_size=size):
+        img, lab = os.path.join(folder, f"{name}.jpg"), os.path.join(folder, f"{name}.png")
+        if image:
+            cv2.imwrite(img, rng.randint(0, 255, (size, size, 3), dtype=np.uint8))
+        else:
+            open(img, "wb").write(b"not a jpeg")
+        if label:
+            cv2.imwrite(lab, rng.randint(0, 7, (label_size, label_size)).astype(np.uint8))
+        else:
+            open(lab, "wb").write(b"not a png")
+        dicts.append({"file_name": img, "sem_seg_file_name": lab, "height": size, "width": size})
+
+    for i in range(n_good):
+        sample(f"good{i}")
+    sample("bad_image", image=False)
+    sample("bad_label", label=False)
+    sample("small_label", label_size=size // 2)
+    return dicts
+
+
+def test_ade20k_train_mapper_skips_and_counts_unreadable_images_and_labels(tmp_path, caplog):
+    """configs/common/data/ade20k.py's training mapper: an unreadable image, an unreadable label
+    map and a mis-sized one give None, one warning each naming the file, and are counted."""
+    import logging
+
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/common/data/ade20k.py"))
+    mapper = instantiate(cfg.dataloader.train.mapper)
+    dicts = {os.path.basename(d["file_name"]): d for d in _write_sem_seg_samples(str(tmp_path), n_good=1)}
+    with caplog.at_level(logging.WARNING, logger="itpn_d2.data.safe_mapper"):
+        assert mapper(dicts["bad_image.jpg"]) is None
+        assert mapper(dicts["bad_label.jpg"]) is None
+        assert mapper(dicts["small_label.jpg"]) is None
+        good = mapper(dicts["good0.jpg"])
+    assert good["skipped_images"] == 3 and mapper.num_skipped == 3
+    assert good["image"].shape[1:] == good["sem_seg"].shape
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "bad_image.jpg" in warned and "bad_label.png" in warned and "small_label.png" in warned
+    assert "label map of 32x32, image of 64x64" in warned
+
+
+_SEG_SKIP_CONFIG = """
+from detectron2.config import LazyConfig
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+_dicts = {dicts!r}
+if "uper_skip_train" not in DatasetCatalog.list():
+    DatasetCatalog.register("uper_skip_train", lambda: _dicts)
+    MetadataCatalog.get("uper_skip_train").set(stuff_classes=[str(i) for i in range(7)], ignore_label=255)
+_cfg = LazyConfig.load({base!r})
+model, optimizer, lr_multiplier = _cfg.model, _cfg.optimizer, _cfg.lr_multiplier
+train, dataloader = _cfg.train, _cfg.dataloader
+dataloader.pop("evaluator")  # training only
+dataloader.train.dataset.names = "uper_skip_train"
+dataloader.train.num_workers = 0
+dataloader.train.total_batch_size = 2
+model.backbone.net.depth = 2
+"""
+
+
+def test_segmentation_run_skips_and_counts_unreadable_samples(tmp_path):
+    """A short UPerNet training through tools/lazyconfig_train_net.py (configs/ADE20K/uper_itpn_tiny_demo.py)
+    on data with an unreadable image, an unreadable label map and a mis-sized one: the run finishes
+    and its metrics count the skips (was: the first bad sample ended the run)."""
+    import subprocess
+    import sys
+
+    from _train_cli import env_for, metrics
+
+    dicts = _write_sem_seg_samples(str(tmp_path / "data"))
+    cfg_file = tmp_path / "seg_cfg.py"
+    cfg_file.write_text(_SEG_SKIP_CONFIG.format(
+        dicts=dicts, base=os.path.join(ROOT, "configs/ADE20K/uper_itpn_tiny_demo.py")))
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "lazyconfig_train_net.py"), "--config-file", str(cfg_file),
+         f"train.output_dir={out}", "train.max_iter=5", "train.eval_period=0", "train.checkpointer.period=5",
+         "train.log_period=1"],
+        cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "model_final.pth").exists()
+    m = metrics(out)
+    assert sorted(m) == list(range(5)) and all("skipped_images" in m[i] for i in m), m
+    assert m[4]["skipped_images_total"] > 0 and sum(m[i]["skipped_images"] for i in m) == m[4]["skipped_images_total"]
+    log = (out / "log.txt").read_text() + r.stderr
+    assert "bad_image.jpg" in log or "bad_label.png" in log or "small_label.png" in log

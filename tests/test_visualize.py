@@ -1,6 +1,5 @@
 """Reconstruction figures: the panel composer, de-normalisation, the tool and the hook."""
 import os
-import sys
 import textwrap
 import types
 
@@ -14,7 +13,6 @@ from itpn_d2.modeling.unit_layout import denormalize_unit_predictions, patchify_
 from itpn_d2.utils.visualize_mim import compose_reconstruction_panel, panels_from_model_output, stack_rows
 from itpn_d2.utils.panel_titles import TITLE_HEIGHT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
@@ -151,11 +149,8 @@ def _write_images(folder, n):
 
 
 def test_tool_writes_pngs(tmp_path, tiny_model):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import visualize_reconstruction as tool
-    finally:
-        sys.path.pop(0)
+    from itpn_d2.utils import reconstruction_figures as tool
+
     cfg = tmp_path / "tiny_cfg.py"
     cfg.write_text(TINY_CONFIG)
     ckpt = tmp_path / "model.pth"

@@ -3,7 +3,7 @@
 
 FLOPs as every tool of this repository counts them (``itpn_d2/utils/flops.py``): 2 FLOPs per
 multiply-add, matmuls, convolutions and attention included (fvcore's counters give half).
-Parameters are fvcore's ``parameter_count``. Examples::
+Parameters are fvcore's ``parameter_count`` (the counting: ``itpn_d2/utils/model_size.py``). Examples::
 
     # encoder + pyramid of a named size and block layout, FLOPs at 224x224 unmasked
     python tools/analyze_model.py --size base --layout mmpretrain --fpn-depth 2
@@ -15,57 +15,26 @@ import argparse
 import os
 import sys
 
-import torch
-from fvcore.nn import parameter_count
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from itpn_d2.config import add_opts_argument, load_config  # noqa: E402
-from itpn_d2.modeling import FeaturePyramid, HiViT, hivit_arch  # noqa: E402
-from itpn_d2.utils.flops import forward_flops  # noqa: E402
-
-
-def fmt(n: float) -> str:
-    return f"{n / 1e6:.2f}M"
-
-
-def param_table(model: torch.nn.Module, depth: int):
-    """Rows (name, params) for every module prefix up to ``depth`` dots, plus the total."""
-    counts = parameter_count(model)
-    rows = [("(total)", counts[""])]
-    for name, n in counts.items():
-        if name and name.count(".") < depth and not name.split(".")[-1].isdigit():
-            if any(p.startswith(name + ".") or p == name for p, _ in model.named_parameters()):
-                rows.append((name, n))
-    return rows
+from itpn_d2.utils.model_size import backbone_flops, backbone_parts, format_millions, param_table  # noqa: E402
 
 
 def analyze_arch(args) -> None:
-    arch = hivit_arch(args.size, args.layout)
-    net = HiViT(**arch, pretrain_img_size=224).eval()
-    pyramid = FeaturePyramid(embed_dim=net.embed_dim, out_dim=args.fpn_dim, depth=args.fpn_depth).eval()
-    parts = {"encoder (HiViT)": net, f"pyramid (fpn_depth {args.fpn_depth})": pyramid}
-    decoder = None
-    if args.decoder_depth > 0:
-        try:
-            from itpn_d2.modeling.decoder import PixelDecoder
-        except ImportError:
-            print("(the pixel decoder is not available in this version: skipped)")
-        else:
-            decoder = PixelDecoder(in_dim=args.fpn_dim, depth=args.decoder_depth).eval()
-            parts[f"pixel decoder ({args.decoder_depth} blocks)"] = decoder
+    arch, parts = backbone_parts(
+        size=args.size, layout=args.layout, fpn_dim=args.fpn_dim, fpn_depth=args.fpn_depth,
+        decoder_depth=args.decoder_depth,
+    )
     print(f"HiViT {args.size} ({args.layout} layout): {arch}")
     total = 0
     for name, module in parts.items():
         n = sum(p.numel() for p in module.parameters())
         total += n
-        print(f"  params  {name:<32s} {fmt(n):>10s}")
-    print(f"  params  {'total':<32s} {fmt(total):>10s}")
+        print(f"  params  {name:<32s} {format_millions(n):>10s}")
+    print(f"  params  {'total':<32s} {format_millions(total):>10s}")
 
-    x = torch.zeros(1, 3, args.input_size, args.input_size)
-    enc = forward_flops(net, x)
-    with torch.no_grad():
-        feats = net(x)
-    pyr = forward_flops(pyramid, *feats)
+    net, pyramid = list(parts.values())[:2]
+    enc, pyr = backbone_flops(net, pyramid, args.input_size)
     print(f"  FLOPs   encoder at {args.input_size}x{args.input_size}, unmasked   {enc / 1e9:.2f}G")
     print(f"  FLOPs   pyramid at {args.input_size}x{args.input_size}, unmasked   {pyr / 1e9:.2f}G")
 
@@ -77,7 +46,7 @@ def analyze_config(args) -> None:
     model = instantiate(cfg.model).eval()
     print(f"{args.config_file}: parameters per part")
     for name, n in param_table(model, args.depth):
-        print(f"  {name:<48s} {fmt(n):>10s}")
+        print(f"  {name:<48s} {format_millions(n):>10s}")
 
 
 def main(argv=None) -> None:

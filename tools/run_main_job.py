@@ -21,51 +21,30 @@ import argparse
 import glob
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from itpn_d2.utils.job_stages import StageFailedError, available_cores, run_stage  # noqa: E402
+
 PRETRAIN_CFG = "configs/pretrain/mim_mfm_itpn_tiny_cpu.py"
 FINETUNE_CFG = "configs/COCO/mask_rcnn_itpn_tiny_demo.py"
 SEG_CFG = "configs/ADE20K/uper_itpn_tiny_demo.py"
 
 
-def run_stage(title: str, cmd, log_path: str) -> float:
-    """Run ``cmd`` from the repository root, streaming its output to the console and ``log_path``."""
-    print(f"\n=== {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-    t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for line in proc.stdout:
-            log.write(line)
-            if _worth_showing(line):
-                print("  " + line.rstrip()[:240], flush=True)
-        rc = proc.wait()
-    took = time.perf_counter() - t0
-    if rc != 0:
-        print(f"\n[main job] stage '{title}' failed (exit {rc}); full log: {log_path}", file=sys.stderr)
-        with open(log_path) as f:
-            sys.stderr.write("".join(f.readlines()[-40:]))
-        sys.exit(rc)
-    print(f"=== {title}: done in {took:.0f}s", flush=True)
-    return took
-
-
-def _worth_showing(line: str) -> bool:
-    """Progress lines (losses, ETA), checkpoint loading, evaluation tables, warnings and errors."""
-    keys = ("eta:", "Loaded ", "re-initialised", "Evaluation results", "|", "AP", "mIoU", "Wrote", "wrote", "WARNING",
-            "Error", "Traceback", "Reused", "generated", "skipped", "Saving", "->")
-    return any(k in line for k in keys) and "Build settings" not in line
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _stage(title: str, cmd, log_path: str) -> float:
+    return run_stage(title, cmd, log_path, cwd=ROOT)
 
 
 def main(argv=None) -> None:
+    try:
+        run_job(argv)
+    except StageFailedError as e:  # run_stage printed the end of its log
+        sys.exit(e.returncode)
+
+
+def run_job(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="output/demo")
     p.add_argument("--data-root", default=None, help="built-in data folder (default: itpn_d2's default root)")
@@ -98,17 +77,17 @@ def main(argv=None) -> None:
         gen += ["--num-train", "8", "--num-val", "4", "--num-unlabeled", "16"]
         if not data_root:
             sys.exit("--quick needs --data-root (the quick dataset must not replace the default one)")
-    took["data"] = run_stage("1/7 built-in data", gen, os.path.join(out, "generate.log"))
+    took["data"] = _stage("1/7 built-in data", gen, os.path.join(out, "generate.log"))
 
     pre_dir = os.path.join(out, "pretrain")
     cmd = [py, "tools/lazyconfig_train_net.py", "--config-file", PRETRAIN_CFG, f"train.output_dir={pre_dir}"]
     if pre_iters:
         cmd += [f"train.max_iter={pre_iters}", f"train.checkpointer.period={pre_iters}", "train.log_period=1"]
-    took["pretrain"] = run_stage("2/7 pre-training (MIM + MFM, EMA teacher)", cmd, os.path.join(out, "pretrain.log"))
+    took["pretrain"] = _stage("2/7 pre-training (MIM + MFM, EMA teacher)", cmd, os.path.join(out, "pretrain.log"))
     pre_ckpt = os.path.join(pre_dir, "model_final.pth")
 
     ft_dir = os.path.join(out, "finetune")
-    procs = args.finetune_procs or (2 if _cores() >= 2 else 1)
+    procs = args.finetune_procs or (2 if available_cores() >= 2 else 1)
     cmd = [py, "tools/lazyconfig_train_net.py", "--num-gpus", str(procs), "--config-file", FINETUNE_CFG,
            f"train.init_checkpoint={pre_ckpt}", "train.backbone_load=strict", f"train.output_dir={ft_dir}"]
     if ft_iters:
@@ -118,7 +97,7 @@ def main(argv=None) -> None:
         # a 4-iteration detector scores everything below the usual 0.05; keep its boxes so that
         # COCOEvaluator's bbox and segm paths both run (with no detections segm is skipped)
         cmd += ["model.roi_heads.box_predictor.test_score_thresh=0.0"]
-    took["detection"] = run_stage(
+    took["detection"] = _stage(
         "3/7 fine-tuning Mask R-CNN from the pre-trained backbone + pyramid, then COCO evaluation", cmd,
         os.path.join(out, "finetune.log"))
     ft_ckpt = os.path.join(ft_dir, "model_final.pth")
@@ -131,7 +110,7 @@ def main(argv=None) -> None:
     if seg_iters:
         cmd += [f"train.max_iter={seg_iters}", f"train.eval_period={seg_iters}",
                 f"train.checkpointer.period={seg_iters}", "train.log_period=1"]
-    took["segmentation"] = run_stage(
+    took["segmentation"] = _stage(
         "4/7 fine-tuning UPerNet from the pre-trained backbone + pyramid, then SemSegEvaluator (mIoU)", cmd,
         os.path.join(out, "segmentation.log"))
     seg_ckpt = os.path.join(seg_dir, "model_final.pth")
@@ -141,19 +120,19 @@ def main(argv=None) -> None:
     root = data_root or default_synthetic_root()
     val_images = sorted(glob.glob(os.path.join(root, "val", "images", "*")))[: args.num_demo_images]
     recon_dir = os.path.join(out, "reconstructions")
-    took["reconstructions"] = run_stage("5/7 reconstructions of the pre-trained model",
+    took["reconstructions"] = _stage("5/7 reconstructions of the pre-trained model",
               [py, "tools/visualize_reconstruction.py", "--config-file", PRETRAIN_CFG, "--checkpoint", pre_ckpt,
                "--input", os.path.join(root, "val", "images"), "--max-images", str(args.num_demo_images),
                "--output", recon_dir, "--opts", "train.device=cpu"],
               os.path.join(out, "reconstruct.log"))
     pred_dir = os.path.join(out, "predictions")
-    took["detections"] = run_stage(
+    took["detections"] = _stage(
         "6/7 detections on validation images",
         [py, "tools/demo.py", "--config-file", FINETUNE_CFG, "--input", *val_images, "--output", pred_dir,
          "--opts", f"train.init_checkpoint={ft_ckpt}"],
         os.path.join(out, "demo.log"))
     seg_pred_dir = os.path.join(out, "segmentations")
-    took["segmentations"] = run_stage(
+    took["segmentations"] = _stage(
         "7/7 segmentations of the same images",
         [py, "tools/demo.py", "--config-file", SEG_CFG, "--input", *val_images, "--output", seg_pred_dir,
          "--opts", f"train.init_checkpoint={seg_ckpt}"],

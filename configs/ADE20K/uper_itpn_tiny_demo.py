@@ -84,6 +84,8 @@ model.sem_seg_head.aux_channels = 32
 model.sem_seg_head.norm = "BN"  # one process
 
 # --- data --------------------------------------------------------------------------
+# The training mapper (SafeDatasetMapper, from configs/common/data/ade20k.py) skips an unreadable
+# image or label map and counts it in the skipped_images metric.
 dataloader.train.dataset.names = "itpn_synthetic_sem_seg_train"
 dataloader.test.dataset.names = "itpn_synthetic_sem_seg_val"
 dataloader.train.mapper.augmentations = [

@@ -7,9 +7,10 @@ itself (strict about truncation; grayscale, RGBA, palette and 16-bit files conve
 :func:`itpn_d2.data.mim_mapper.read_rgb_image` does), and for a file that cannot be
 decoded, or whose annotations or size are unusable (an annotation without
 ``segmentation`` when masks are trained, a JPEG whose EXIF rotation makes it disagree with
-the json's width / height), logs one warning naming it (once per file and process), counts it
-(``num_skipped``; also handed to the next good sample as ``"skipped_images"``) and
-returns ``None``: the loader then maps another index of the dataset.
+the json's width / height, a semantic segmentation label map (``sem_seg_file_name``) that
+cannot be decoded or is not the image's size), logs one warning naming it (once per file and
+process), counts it (``num_skipped``; also handed to the next good sample as
+``"skipped_images"``) and returns ``None``: the loader then maps another index of the dataset.
 
 Use it for training only: at test time a skipped image would silently change the
 evaluated set, so test loaders keep the failing ``DatasetMapper``.
@@ -44,6 +45,22 @@ class SafeDatasetMapper(SkippedFileCounter, DatasetMapper):
             return image[:, :, ::-1].copy() if self.image_format == "BGR" else image
         return utils.read_image(file_name, format=self.image_format)
 
+    def read_sem_seg(self, file_name: str, image_size) -> Optional[np.ndarray]:
+        """The (H, W) label map of a semantic segmentation sample, read as detectron2's mapper
+        reads it; ``None`` (counted, warned once) for a file that cannot be decoded or whose
+        size is not ``image_size``: a mis-sized label map would fail the loss of the batch."""
+        try:
+            sem_seg = utils.read_image(file_name, "L").squeeze(2)
+        except Exception as e:  # as for images: decoders raise a zoo of types
+            self._skip(file_name, e, "unreadable label map")
+            return None
+        if sem_seg.shape != tuple(image_size):
+            (h, w), (ih, iw) = sem_seg.shape, image_size
+            err = ValueError(f"label map of {w}x{h}, image of {iw}x{ih}")
+            self._skip(file_name, err, "label map whose size disagrees with its image,")
+            return None
+        return sem_seg
+
     def unusable_annotations(self, dataset_dict) -> Optional[Exception]:
         """Why the annotations of ``dataset_dict`` cannot be mapped (an exception to report), or None.
 
@@ -68,7 +85,8 @@ class SafeDatasetMapper(SkippedFileCounter, DatasetMapper):
     def __call__(self, dataset_dict):
         """As ``DatasetMapper.__call__``; ``None`` (counted, warned once) when the image file cannot
         be decoded, an annotation lacks a field the mapper needs (e.g. ``segmentation`` with
-        ``use_instance_mask``), or the decoded size disagrees with the entry's width / height."""
+        ``use_instance_mask``), the decoded size disagrees with the entry's width / height, or the
+        label map cannot be read or is not the image's size (:meth:`read_sem_seg`)."""
         file_name = dataset_dict["file_name"]
         try:
             image = self.read_image(file_name)
@@ -87,7 +105,9 @@ class SafeDatasetMapper(SkippedFileCounter, DatasetMapper):
             return None
         sem_seg_gt = None
         if "sem_seg_file_name" in dataset_dict:
-            sem_seg_gt = utils.read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)
+            sem_seg_gt = self.read_sem_seg(dataset_dict.pop("sem_seg_file_name"), image.shape[:2])
+            if sem_seg_gt is None:
+                return None
 
         aug_input = T.AugInput(image, sem_seg=sem_seg_gt)
         transforms = self.augmentations(aug_input)

@@ -8,7 +8,10 @@ above 4), 512x512 crop in which no class covers more than 75 % of the pixels, ho
 ``PhotoMetricDistortion`` (brightness, contrast, saturation, hue, as mmseg:
 ``itpn_d2.data.photometric``). Test: short side 512, long side at most 2048. mmseg pads crops to
 512 (label 255); detectron2 pads a batch to its largest image (divisible by 32), also with 255.
-The evaluator uses a numpy-2-safe label loader.
+The evaluator uses a numpy-2-safe label loader. The training mapper skips (logs, counts in the
+``skipped_images`` metric) an image or label map it cannot read instead of stopping the run
+(``SafeDatasetMapper``); the test mapper is detectron2's, which fails: a skipped test image would
+change the evaluated set.
 """
 
 from detectron2.config import LazyCall as L
@@ -23,6 +26,7 @@ from omegaconf import OmegaConf
 
 from itpn_d2.data.photometric import PhotoMetricDistortion
 from itpn_d2.data.resumable import build_resumable_train_loader
+from itpn_d2.data.safe_mapper import SafeDatasetMapper
 from itpn_d2.evaluation.sem_seg import sem_seg_loading_fn
 
 dataloader = OmegaConf.create()
@@ -30,7 +34,7 @@ dataloader = OmegaConf.create()
 # resumable stream: --resume continues the same images and augmentations (itpn_d2.data.resumable)
 dataloader.train = L(build_resumable_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="ade20k_sem_seg_train", filter_empty=False),
-    mapper=L(DatasetMapper)(
+    mapper=L(SafeDatasetMapper)(
         is_train=True,
         augmentations=[
             L(T.ResizeShortestEdge)(short_edge_length=(256, 1024), max_size=2048, sample_style="range"),
