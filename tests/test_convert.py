@@ -1,8 +1,9 @@
 """itpn_d2.checkpoint.convert and tools/convert_pretrained.py: official / mmpretrain layouts -> ours,
 checked by equal outputs."""
 import argparse
-import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,9 +14,12 @@ from itpn_d2.checkpoint import convert as conv
 from itpn_d2.modeling import FeaturePyramid, HiViT, ITPNBackbone, hivit_arch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("convert_pretrained", os.path.join(ROOT, "tools", "convert_pretrained.py"))
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
+TOOL = os.path.join(ROOT, "tools", "convert_pretrained.py")
+
+
+def convert_cli(*argv: str) -> subprocess.CompletedProcess:
+    """The command line, as a user runs it."""
+    return subprocess.run([sys.executable, TOOL, *argv], capture_output=True, text=True, timeout=120)
 
 
 def load_init_checkpoint(model, path):
@@ -154,7 +158,9 @@ def test_wrong_architecture_refused_with_keys(tmp_path):
     msg = str(e.value)
     assert "backbone.net.patch_embed.proj.weight: (48, 3, 4, 4) vs (96, 3, 4, 4)" in msg
     assert not os.path.exists(out)
-    assert cli.main([inp, out, "--size", "small"]) == 1
+    proc = convert_cli(inp, out, "--size", "small")
+    assert proc.returncode == 1 and "ERROR" in proc.stderr and "patch_embed.proj.weight" in proc.stderr
+    assert not os.path.exists(out)
     # converted fine, but a 2/2 file is refused by a 1/1 (official tiny) model
     info = conv.convert_file(inp, out)
     holder = nn.Module()
@@ -163,12 +169,13 @@ def test_wrong_architecture_refused_with_keys(tmp_path):
         load_init_checkpoint(holder, out)
 
 
-def test_cli_and_unknown_layout(tmp_path, capsys):
+def test_cli_and_unknown_layout(tmp_path):
     src = _source_model()
     inp, out = str(tmp_path / "src.pth"), str(tmp_path / "cli.pth")
     torch.save(to_official(src), inp)
-    assert cli.main([inp, out, "--size", "tiny"]) == 0
-    assert '"source": "official"' in capsys.readouterr().out
+    proc = convert_cli(inp, out, "--size", "tiny")
+    assert proc.returncode == 0, proc.stderr
+    assert '"source": "official"' in proc.stdout and os.path.exists(out)
     bad = str(tmp_path / "bad.pth")
     torch.save({"model": {"foo.weight": torch.zeros(2)}}, bad)
     with pytest.raises(conv.ConversionError, match="cannot tell the checkpoint layout"):
