@@ -1,3 +1,8 @@
+"""Fixtures shared by every test package; helper functions are in ``tests/helpers``.
+
+``pytest -m "not slow"`` leaves out the tests marked ``slow``: those that run the tools as
+subprocesses (training runs, kills, several processes), for a fast loop; CI runs everything.
+"""
 import os
 import sys
 
@@ -9,15 +14,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import itpn_d2  # noqa: E402,F401  (fills detectron2's registries)
-from itpn_d2.modeling import FeaturePyramid, HiViT, ITPNBackbone, hivit_arch  # noqa: E402
+from tests.helpers.models import make_tiny_backbone  # noqa: E402
 
 
-def make_tiny_backbone(fpn_depth: int = 2, out_dim: int = 64, **net_kwargs) -> ITPNBackbone:
-    arch = hivit_arch("tiny")
-    arch.update(net_kwargs.pop("arch", {}))
-    net = HiViT(**arch, **net_kwargs)
-    pyramid = FeaturePyramid(embed_dim=net.embed_dim, out_dim=out_dim, depth=fpn_depth)
-    return ITPNBackbone(net=net, pyramid=pyramid)
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: runs tools/ as subprocesses end to end (deselect with -m 'not slow')"
+    )
 
 
 @pytest.fixture

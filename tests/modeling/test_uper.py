@@ -1,0 +1,338 @@
+"""UPerNet semantic segmentation with the iTPN backbone, built from the real config
+(configs/common/models/uper_itpn.py) with the encoder patched to the tiny size."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.layers import ShapeSpec
+
+from itpn_d2.modeling import FeaturePyramid, HiViT, ITPNBackbone, hivit_arch
+from itpn_d2.modeling.seg_backbone import ITPNSegBackbone, itpn_seg_output_shape
+from itpn_d2.modeling.slide_segmentor import SlidingWindowSemanticSegmentor
+from itpn_d2.modeling.uper_head import UPerHead
+from tests.helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
+NUM_CLASSES = 5
+
+
+def tiny_uper_cfg(**head):
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/common/models/uper_itpn.py"))
+    cfg.model.backbone.net.update(hivit_arch("tiny"))
+    cfg.model.backbone.pyramid.out_dim = 32
+    cfg.model.sem_seg_head.channels = 32
+    cfg.model.sem_seg_head.aux_channels = 16
+    cfg.model.sem_seg_head.num_classes = NUM_CLASSES
+    cfg.model.sem_seg_head.update(head)
+    return cfg
+
+
+def build_tiny(drop_path_rate=0.1, **head):
+    torch.manual_seed(0)
+    cfg = tiny_uper_cfg(**head)
+    cfg.model.backbone.net.drop_path_rate = drop_path_rate
+    return instantiate(cfg.model)
+
+
+def _inputs(hw=(96, 128), n=2, with_target=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        d = {"image": torch.randint(0, 256, (3, *hw), generator=g).float(), "height": hw[0], "width": hw[1]}
+        if with_target:
+            t = torch.randint(0, NUM_CLASSES, hw, generator=g)
+            t[:8] = 255  # void rows are ignored by the loss
+            d["sem_seg"] = t
+        out.append(d)
+    return out
+
+
+def test_config_channels_follow_reference_for_base():
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/common/models/uper_itpn.py"))
+    shapes = instantiate(cfg.model.sem_seg_head.input_shape)
+    levels = cfg.model.sem_seg_head.in_features
+    # The release's UPerNet-B (sunsmarterjie/iTPN seg/configs/itpn/*.py, decode_head in_channels):
+    # levels are concat(pyramid, encoder) = 384, 512, 768, 768 channels.
+    assert [sum(shapes[n].channels for n in g) for g in levels] == [384, 512, 768, 768]
+    assert [shapes[g[0]].stride for g in levels] == [4, 8, 16, 32]
+
+
+def test_output_shape_helper_matches_backbone():
+    model = build_tiny()
+    assert isinstance(model.backbone, ITPNBackbone)
+    expected = itpn_seg_output_shape(embed_dim=192, out_dim=32)
+    assert model.backbone.output_shape() == expected
+    x = torch.randn(1, 3, 64, 96)
+    feats = model.backbone(x)
+    for name, spec in expected.items():
+        assert feats[name].shape == (1, spec.channels, 64 // spec.stride, 96 // spec.stride), name
+
+
+def test_backbone_keys_are_the_plain_itpn_backbone_keys():
+    """The one rule: the segmentation model's backbone has exactly the keys (and shapes) of
+    ITPNBackbone, so a pre-training checkpoint loads strictly, tensor for tensor."""
+    model = build_tiny()
+    torch.manual_seed(1)
+    net = HiViT(**hivit_arch("tiny"))
+    plain = ITPNBackbone(net=net, pyramid=FeaturePyramid(embed_dim=192, out_dim=32, depth=2))
+    src = plain.state_dict()
+    assert set(model.backbone.state_dict()) == set(src)
+    model.backbone.load_state_dict(src, strict=True)
+    full = model.state_dict()
+    for k, v in src.items():
+        assert torch.equal(full["backbone." + k], v), k
+
+
+def test_training_step_losses_and_gradients():
+    model = build_tiny()
+    model.train()
+    losses = model(_inputs())
+    assert set(losses) == {"loss_sem_seg", "loss_sem_seg_aux"}
+    for k, v in losses.items():
+        assert torch.isfinite(v), k
+    # With random weights the main loss is near log(K); aux is weighted 0.4.
+    assert abs(losses["loss_sem_seg"].item() - np.log(NUM_CLASSES)) < 1.0
+    assert abs(losses["loss_sem_seg_aux"].item() - 0.4 * np.log(NUM_CLASSES)) < 0.5
+    sum(losses.values()).backward()
+    for name in [
+        "backbone.pyramid.fpn_modules.2.mlp.fc1.weight",  # stride-4 pyramid level
+        "backbone.pyramid.align_dim_16tofpn.weight",
+        "backbone.net.patch_embed.proj.weight",
+        "backbone.net.blocks.0.mlp.fc1.weight",  # reaches the head through c2 as well
+        "sem_seg_head.ppm.convs.3.weight",
+        "sem_seg_head.aux_conv.weight",
+    ]:
+        p = dict(model.named_parameters())[name]
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_ignore_value_is_ignored():
+    model = build_tiny(drop_path_rate=0.0, dropout=0.0)
+    model.train()
+    inputs = _inputs(n=2)
+    base = model(inputs)["loss_sem_seg"].item()
+    for d in inputs:
+        d["sem_seg"][:8] = 0  # now the former void rows count
+    changed = model(inputs)["loss_sem_seg"].item()
+    assert base != pytest.approx(changed, abs=1e-6)
+    for d in inputs:
+        d["sem_seg"][:] = 255
+    losses = model(inputs)  # an all-void crop: zero loss (not NaN), and still differentiable
+    assert losses["loss_sem_seg"].item() == 0.0 and losses["loss_sem_seg_aux"].item() == 0.0
+    assert losses["loss_sem_seg"].requires_grad
+
+
+@pytest.mark.parametrize("hw", [(96, 128), (100, 120)])
+def test_inference_returns_logits_at_input_size(hw):
+    model = build_tiny().eval()
+    with torch.no_grad():
+        out = model(_inputs(hw, n=2, with_target=False))
+    assert len(out) == 2
+    for o in out:
+        assert o["sem_seg"].shape == (NUM_CLASSES, *hw)
+        assert torch.isfinite(o["sem_seg"]).all()
+    # "height"/"width" ask for another output resolution.
+    inp = _inputs(hw, n=1, with_target=False)
+    inp[0]["height"], inp[0]["width"] = 50, 70
+    with torch.no_grad():
+        assert model(inp)[0]["sem_seg"].shape == (NUM_CLASSES, 50, 70)
+
+
+def test_sliding_window_inference():
+    cfg = tiny_uper_cfg()
+    cfg.model._target_ = SlidingWindowSemanticSegmentor
+    torch.manual_seed(0)
+    cfg.model.crop_size, cfg.model.stride = (256, 256), (170, 170)
+    whole = instantiate(cfg.model).eval()
+    plain = build_tiny().eval()
+    plain.load_state_dict(whole.state_dict())
+    inp = _inputs((96, 128), n=1, with_target=False)
+    with torch.no_grad():
+        ref = plain(inp)[0]["sem_seg"]
+        # A window larger than the image is whole-image inference.
+        assert torch.allclose(whole(inp)[0]["sem_seg"], ref, atol=1e-5)
+        whole.crop_size, whole.stride = (64, 64), (43, 43)
+        slid = whole(inp)[0]["sem_seg"]
+    assert slid.shape == ref.shape and torch.isfinite(slid).all()
+    assert not torch.allclose(slid, ref, atol=1e-3)  # windows see less context: different logits
+
+
+def test_head_rejects_bad_features():
+    shapes = {"p2": ShapeSpec(channels=8, stride=4), "p3": ShapeSpec(channels=8, stride=8)}
+    with pytest.raises(KeyError, match="p9"):
+        UPerHead(input_shape=shapes, num_classes=3, in_features=["p2", "p9"])
+    with pytest.raises(ValueError, match="different strides"):
+        UPerHead(input_shape=shapes, num_classes=3, in_features=[("p2", "p3")])
+    with pytest.raises(ValueError, match="fine to coarse"):
+        UPerHead(input_shape=shapes, num_classes=3, in_features=["p3", "p2"])
+    with pytest.raises(ValueError, match="unknown"):
+        ITPNSegBackbone(
+            net=HiViT(**hivit_arch("tiny")), pyramid=FeaturePyramid(embed_dim=192, out_dim=8), out_features=["p6"]
+        )
+
+
+@pytest.mark.parametrize("norm", ["BN", "GN", "LN", None])
+def test_head_norms_run_on_cpu(norm):
+    shapes = {"p2": ShapeSpec(channels=32, stride=4), "p3": ShapeSpec(channels=32, stride=8)}
+    head = UPerHead(input_shape=shapes, num_classes=3, channels=32, norm=norm, aux_in_feature="p3")
+    feats = {"p2": torch.randn(2, 32, 16, 16), "p3": torch.randn(2, 32, 8, 8)}
+    head.train()
+    _, losses = head(feats, torch.randint(0, 3, (2, 64, 64)))
+    assert all(torch.isfinite(v) for v in losses.values())
+    head.eval()
+    logits, extra = head(feats)
+    assert logits.shape == (2, 3, 64, 64) and extra == {}
+
+
+def test_ade20k_train_mapper_from_config(tmp_path):
+    """The ADE20K augmentation chain of configs/common/data/ade20k.py on a generated record."""
+    import cv2
+
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/common/data/ade20k.py"))
+    mapper = instantiate(cfg.dataloader.train.mapper)
+    img = np.random.RandomState(0).randint(0, 255, (120, 160, 3), dtype=np.uint8)
+    lab = np.zeros((120, 160), np.uint8)
+    lab[:, 80:] = 3
+    lab[:10] = 255
+    cv2.imwrite(str(tmp_path / "a.jpg"), img)
+    cv2.imwrite(str(tmp_path / "a.png"), lab)
+    d = mapper(
+        {
+            "file_name": str(tmp_path / "a.jpg"),
+            "sem_seg_file_name": str(tmp_path / "a.png"),
+            "height": 120,
+            "width": 160,
+        }
+    )
+    assert d["image"].shape[0] == 3 and d["image"].shape[1:] == d["sem_seg"].shape
+    assert max(d["sem_seg"].shape) <= 512
+    assert set(d["sem_seg"].unique().tolist()) <= {0, 3, 255}
+
+
+def test_built_from_a_pretraining_checkpoint(tmp_path):
+    """UPerNet loading a pre-training-style checkpoint (backbone + decoder keys) with
+    ITPNCheckpointer: every encoder and pyramid tensor equals the checkpoint's; a checkpoint
+    of another pyramid depth is refused, naming the keys."""
+    from itpn_d2.checkpoint import BackboneLoadError, ITPNCheckpointer
+
+    torch.manual_seed(2)
+    pre = ITPNBackbone(net=HiViT(**hivit_arch("tiny")), pyramid=FeaturePyramid(embed_dim=192, out_dim=32, depth=2))
+    sd = {"backbone." + k: v for k, v in pre.state_dict().items()}
+    sd["decoder_pred.weight"] = torch.randn(768, 512)  # pre-training only: dropped
+    path = tmp_path / "pretrain.pth"
+    torch.save({"model": sd}, path)
+
+    model = build_tiny()
+    ITPNCheckpointer(model).load(str(path), checkpointables=[])
+    full = model.state_dict()
+    backbone_keys = [k for k in full if k.startswith("backbone.")]
+    assert len(backbone_keys) == len(sd) - 1
+    for k in backbone_keys:
+        assert torch.equal(full[k], sd[k]), k
+
+    shallow = ITPNBackbone(net=HiViT(**hivit_arch("tiny")), pyramid=FeaturePyramid(embed_dim=192, out_dim=32, depth=1))
+    bad = tmp_path / "depth1.pth"
+    torch.save({"model": {"backbone." + k: v for k, v in shallow.state_dict().items()}}, bad)
+    with pytest.raises(BackboneLoadError, match="block_16to8.1"):
+        ITPNCheckpointer(build_tiny()).load(str(bad), checkpointables=[])
+
+
+def _write_sem_seg_samples(folder, n_good=4, size=64):
+    """``n_good`` readable image / label pairs, an unreadable image, an unreadable label map and
+    a label map of the wrong size: dataset dicts as ``load_sem_seg`` makes them."""
+    import cv2
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(0)
+    dicts = []
+
+    def sample(name, image=True, label=True, label_size=size):
+        img, lab = os.path.join(folder, f"{name}.jpg"), os.path.join(folder, f"{name}.png")
+        if image:
+            cv2.imwrite(img, rng.randint(0, 255, (size, size, 3), dtype=np.uint8))
+        else:
+            open(img, "wb").write(b"not a jpeg")
+        if label:
+            cv2.imwrite(lab, rng.randint(0, 7, (label_size, label_size)).astype(np.uint8))
+        else:
+            open(lab, "wb").write(b"not a png")
+        dicts.append({"file_name": img, "sem_seg_file_name": lab, "height": size, "width": size})
+
+    for i in range(n_good):
+        sample(f"good{i}")
+    sample("bad_image", image=False)
+    sample("bad_label", label=False)
+    sample("small_label", label_size=size // 2)
+    return dicts
+
+
+def test_ade20k_train_mapper_skips_and_counts_unreadable_images_and_labels(tmp_path, caplog):
+    """configs/common/data/ade20k.py's training mapper: an unreadable image, an unreadable label
+    map and a mis-sized one give None, one warning each naming the file, and are counted."""
+    import logging
+
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/common/data/ade20k.py"))
+    mapper = instantiate(cfg.dataloader.train.mapper)
+    dicts = {os.path.basename(d["file_name"]): d for d in _write_sem_seg_samples(str(tmp_path), n_good=1)}
+    with caplog.at_level(logging.WARNING, logger="itpn_d2.data.safe_mapper"):
+        assert mapper(dicts["bad_image.jpg"]) is None
+        assert mapper(dicts["bad_label.jpg"]) is None
+        assert mapper(dicts["small_label.jpg"]) is None
+        good = mapper(dicts["good0.jpg"])
+    assert good["skipped_images"] == 3 and mapper.num_skipped == 3
+    assert good["image"].shape[1:] == good["sem_seg"].shape
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "bad_image.jpg" in warned and "bad_label.png" in warned and "small_label.png" in warned
+    assert "label map of 32x32, image of 64x64" in warned
+
+
+_SEG_SKIP_CONFIG = """
+from detectron2.config import LazyConfig
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+_dicts = {dicts!r}
+if "uper_skip_train" not in DatasetCatalog.list():
+    DatasetCatalog.register("uper_skip_train", lambda: _dicts)
+    MetadataCatalog.get("uper_skip_train").set(stuff_classes=[str(i) for i in range(7)], ignore_label=255)
+_cfg = LazyConfig.load({base!r})
+model, optimizer, lr_multiplier = _cfg.model, _cfg.optimizer, _cfg.lr_multiplier
+train, dataloader = _cfg.train, _cfg.dataloader
+dataloader.pop("evaluator")  # training only
+dataloader.train.dataset.names = "uper_skip_train"
+dataloader.train.num_workers = 0
+dataloader.train.total_batch_size = 2
+model.backbone.net.depth = 2
+"""
+
+
+@pytest.mark.slow
+def test_segmentation_run_skips_and_counts_unreadable_samples(tmp_path):
+    """A short UPerNet training through tools/lazyconfig_train_net.py (configs/ADE20K/uper_itpn_tiny_demo.py)
+    on data with an unreadable image, an unreadable label map and a mis-sized one: the run finishes
+    and its metrics count the skips (was: the first bad sample ended the run)."""
+    import subprocess
+    import sys
+
+    from tests.helpers.train_cli import env_for, metrics
+
+    dicts = _write_sem_seg_samples(str(tmp_path / "data"))
+    cfg_file = tmp_path / "seg_cfg.py"
+    cfg_file.write_text(_SEG_SKIP_CONFIG.format(
+        dicts=dicts, base=os.path.join(ROOT, "configs/ADE20K/uper_itpn_tiny_demo.py")))
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "lazyconfig_train_net.py"), "--config-file", str(cfg_file),
+         f"train.output_dir={out}", "train.max_iter=5", "train.eval_period=0", "train.checkpointer.period=5",
+         "train.log_period=1"],
+        cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "model_final.pth").exists()
+    m = metrics(out)
+    assert sorted(m) == list(range(5)) and all("skipped_images" in m[i] for i in m), m
+    assert m[4]["skipped_images_total"] > 0 and sum(m[i]["skipped_images"] for i in m) == m[4]["skipped_images_total"]
+    log = (out / "log.txt").read_text() + r.stderr
+    assert "bad_image.jpg" in log or "bad_label.png" in log or "small_label.png" in log
