@@ -22,7 +22,7 @@ recorded with its error text and the others still run):
 On a GPU the whole check is sized to finish in under 8 minutes (``--budget``). On a machine
 without CUDA (or with ``--cpu``) the same stages and code paths run at tiny sizes (tiny
 HiViT, small images, 2-4 iterations, fp32: a CPU without native bf16 would emulate it) in
-about two minutes; ``tests/test_gpu_check.py`` runs that mode.
+about two minutes; ``tests/tools/test_gpu_check.py`` runs that mode.
 
     python tools/gpu_check.py                       # GPU: writes output/gpu_check/gpu_check.json
     python tools/gpu_check.py --cpu --out /tmp/gc   # the CPU mode

@@ -176,7 +176,7 @@ def test_ema_momentum_schedule_follows_storage_iteration():
 
 
 def test_mask_ratio_is_logged():
-    # (skipped_images is logged by the trainer-side hook for every model: tests/test_adversarial_data.py)
+    # (skipped_images is logged by the trainer-side hook for every model: tests/data/test_adversarial_data.py)
     model = tiny_pretrainer(mim="fused", mfm=False).train()
     data = batch(smooth_images(3))
     data[0]["skipped_images"] = 2  # a field the model ignores
