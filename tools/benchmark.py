@@ -27,6 +27,11 @@ Detection (``--what det``): training-step time (forward, backward, AdamW) and
 inference latency of a Mask R-CNN config on synthetic images at detectron2's usual
 sizes (short side 800 -> 800x1216 padded, and 1024x1024).
 
+Fine-tuning (``--what finetune``): images/s of the fine-tuning training step exactly as the
+training script runs it, for each config of ``--finetune-configs`` (default: the demo's tiny
+Mask R-CNN and UPerNet): the config's own loader on its built-in data, ``build_trainer``, its
+optimizer; ``--profile DIR`` writes torch.profiler's table of a few steps per config.
+
 Optimizers: each side's own recipe (``--optimizer recipe``, default): ours from the
 pre-training config (``--opts optimizer.fused=True`` for the fused AdamW kernel), the
 reference from its config's ``optim_wrapper`` (AdamW + ``paramwise_cfg``) through mmengine;
@@ -88,9 +93,12 @@ DEFAULTS = BenchmarkOptions()
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", default=DEFAULTS.what, help="comma list of: pretrain, loop, det")
+    p.add_argument("--what", default=DEFAULTS.what, help="comma list of: pretrain, loop, det, finetune")
     p.add_argument("--config", default=DEFAULTS.config, help="pre-training LazyConfig (ours)")
     p.add_argument("--det-config", default=DEFAULTS.det_config, help="detection LazyConfig")
+    p.add_argument("--finetune-configs", default=DEFAULTS.finetune_configs,
+                   help="--what finetune: comma list of fine-tuning configs whose real training step is timed "
+                        "on their own (built-in) data (default: the demo's Mask R-CNN and UPerNet)")
     p.add_argument("--arch", default=DEFAULTS.arch,
                    help="override model.backbone.net with hivit_arch(SIZE[,LAYOUT]), e.g. 'tiny' or 'base,official'")
     p.add_argument("--batch", type=int, default=DEFAULTS.batch,
@@ -129,7 +137,7 @@ def parse_args(argv=None):
                         "then peak allocated of one training and one inference step "
                         "(on a GPU also max_memory_allocated)")
     p.add_argument("--profile", default=DEFAULTS.profile,
-                   help="write torch.profiler tables of our pre-training step here")
+                   help="write torch.profiler tables of our pre-training step / of the fine-tuning steps here")
     add_opts_argument(p)  # applied to every config the run reads (pre-training and detection)
     return p.parse_args(argv)
 

@@ -7,6 +7,7 @@
 * :mod:`.pretraining`: ``--what pretrain`` (ours beside the reference, interleaved).
 * :mod:`.training_loop`: ``--what loop`` (the training script's loader, trainer and optimizer).
 * :mod:`.detection`: ``--what det`` and :func:`set_head_autocast` (detection heads in fp32).
+* :mod:`.finetuning`: ``--what finetune`` (the demo's fine-tuning steps on their own data, profiled).
 * :mod:`.report`: the machine line and memory figures.
 
 Timing, memory, FLOP counting and autocast are :mod:`itpn_d2.utils` (``timing``, ``memory``,

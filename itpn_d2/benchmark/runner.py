@@ -4,6 +4,7 @@ import dataclasses
 import torch
 
 from .detection import bench_det
+from .finetuning import bench_finetune
 from .options import BenchmarkOptionError, BenchmarkOptions
 from .pretraining import bench_pretrain
 from .report import machine_line
@@ -11,7 +12,7 @@ from .training_loop import bench_loop
 
 __all__ = ["PARTS", "run_benchmark"]
 
-PARTS = ("pretrain", "loop", "det")
+PARTS = ("pretrain", "loop", "det", "finetune")
 
 
 def run_benchmark(options: BenchmarkOptions) -> None:
@@ -19,7 +20,7 @@ def run_benchmark(options: BenchmarkOptions) -> None:
 
     Device defaults: ``device`` CUDA when available; pre-training ``batch`` 512 on a GPU (the
     release's per-GPU batch of its 8xb512 recipe), 4 on a CPU; warm-up and repetitions 3 + 10
-    (pre-training, loop) and 1 + 3 (detection), 1 + 3 and 1 + 1 with ``quick``.
+    (pre-training, loop), 1 + 3 (detection) and 3 + 20 (fine-tuning); 1 + 3, 1 + 1 and 3 + 5 with ``quick``.
     Raises :class:`BenchmarkOptionError` for an unknown part or dtype.
     """
     if options.threads:
@@ -41,3 +42,5 @@ def run_benchmark(options: BenchmarkOptions) -> None:
         bench_loop(options, device, warmup if warmup is not None else pw, options.reps or pr)
     if "det" in what:
         bench_det(options, device, warmup if warmup is not None else dw, options.reps or dr)
+    if "finetune" in what:
+        bench_finetune(options, device, warmup if warmup is not None else 3, options.reps or (5 if options.quick else 20))
