@@ -4,14 +4,14 @@ optimizer. The demo's Mask R-CNN and UPerNet configs by default, so a change to 
 fine-tuning speed shows as a before/after ratio of these figures; ``--profile DIR`` adds
 torch.profiler's table of a few steps per config (where the time goes)."""
 import os
-import time
 from typing import List
 
 import torch
 
-from itpn_d2.utils.timing import format_summary, summarize, sync
+from itpn_d2.utils.timing import format_summary, summarize
 
 from .options import BenchmarkOptions, load_cfg
+from .training_loop import trainer_step_times
 
 __all__ = ["DEMO_FINETUNE_CONFIGS", "bench_finetune"]
 
@@ -21,23 +21,6 @@ DEMO_FINETUNE_CONFIGS = BenchmarkOptions.finetune_configs
 def _datasets_of(cfg) -> List[str]:
     names = cfg.dataloader.train.dataset.names
     return [names] if isinstance(names, str) else list(names)
-
-
-def _step_times(trainer, warmup: int, reps: int, device) -> List[float]:
-    from detectron2.utils.events import EventStorage
-
-    times = []
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        for i in range(warmup + reps):
-            trainer.iter = storage.iter = i
-            sync(device)
-            t0 = time.perf_counter()
-            trainer.run_step()
-            sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return times
 
 
 def _profile(trainer, steps: int, out_path: str) -> None:
@@ -80,7 +63,7 @@ def bench_finetune(args, device, warmup: int, reps: int) -> None:
         batch = int(cfg.dataloader.train.total_batch_size)
         print(f"[finetune] {path}: batch {batch}, {cfg.dataloader.train.num_workers} workers, "
               f"{torch.get_num_threads()} threads, {type(trainer).__name__}")
-        s = summarize(_step_times(trainer, warmup, reps, device))
+        s = summarize(trainer_step_times(trainer, warmup, reps, device))
         print(f"[finetune] {os.path.basename(path)}: {batch / s['median']:.2f} img/s; step {format_summary(s)} "
               f"(loader wait included)")
         if args.profile:

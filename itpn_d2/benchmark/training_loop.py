@@ -2,6 +2,7 @@
 (the config's loader over generated images, ``build_trainer``, the config's optimizer)."""
 import os
 import time
+from typing import List
 
 import torch
 
@@ -9,7 +10,26 @@ from itpn_d2.utils.timing import format_summary, summarize, sync
 
 from .options import load_cfg, usable_dtypes
 
-__all__ = ["bench_image_folder", "bench_loop"]
+__all__ = ["bench_image_folder", "bench_loop", "trainer_step_times"]
+
+
+def trainer_step_times(trainer, warmup: int, reps: int, device) -> List[float]:
+    """Seconds of each of ``reps`` ``trainer.run_step()`` calls after ``warmup`` untimed ones,
+    inside an EventStorage as the training loop runs them (loader wait included)."""
+    from detectron2.utils.events import EventStorage
+
+    times = []
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        for i in range(warmup + reps):
+            trainer.iter = storage.iter = i
+            sync(device)
+            t0 = time.perf_counter()
+            trainer.run_step()
+            sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return times
 
 
 def bench_image_folder(n, size, seed=0):
@@ -40,7 +60,6 @@ def bench_loop(args, device, warmup, reps):
     import shutil
 
     from detectron2.config import instantiate
-    from detectron2.utils.events import EventStorage
 
     from itpn_d2.engine.trainer import build_trainer
 
@@ -79,18 +98,7 @@ def bench_loop(args, device, warmup, reps):
             trainer = build_trainer(cfg, model, loader, opt)
             print(f"[loop] {args.config}{' arch=' + args.arch if args.arch else ''}: batch {args.batch}, {args.img}px, "
                   f"{args.workers} workers, {type(trainer).__name__}, masks drawn {masks}")
-            times = []
-            with EventStorage(0) as storage:
-                trainer.storage = storage
-                for i in range(warmup + reps):
-                    trainer.iter = storage.iter = i
-                    sync(device)
-                    t0 = time.perf_counter()
-                    trainer.run_step()
-                    sync(device)
-                    if i >= warmup:
-                        times.append(time.perf_counter() - t0)
-            s = summarize(times)
+            s = summarize(trainer_step_times(trainer, warmup, reps, device))
             print(f"[loop] {dname}: {args.batch / s['median']:.2f} img/s; step {format_summary(s)} "
                   f"(loader wait included{'; H2D copy included' if on_gpu else ''})")
             del trainer, loader, opt, model
