@@ -19,6 +19,7 @@ __all__ = [
     "PRETRAIN_CFG",
     "BACKBONE_ONLY_CFG",
     "FINETUNE_CFG",
+    "SEG_FINETUNE_CFG",
     "PRETRAININGS",
     "VARIANTS",
     "CLAIMS",
@@ -32,6 +33,7 @@ __all__ = [
 PRETRAIN_CFG = "configs/pretrain/mim_mfm_itpn_tiny_cpu.py"
 BACKBONE_ONLY_CFG = "configs/pretrain/mim_backbone_only_itpn_tiny_cpu.py"
 FINETUNE_CFG = "configs/COCO/mask_rcnn_itpn_tiny_demo.py"
+SEG_FINETUNE_CFG = "configs/ADE20K/uper_itpn_tiny_demo.py"
 
 # pre-training kind: (config, overrides)
 PRETRAININGS = {
@@ -81,6 +83,13 @@ class Task:
         """
         self.name, self.config, self.metrics, self.extra = name, config, dict(metrics), list(extra)
 
+    def max_iter(self) -> int:
+        """The config's own ``train.max_iter`` (its schedule when the experiment sets none)."""
+        from detectron2.config import LazyConfig
+
+        path = self.config if os.path.isabs(self.config) else os.path.join(REPO_ROOT, self.config)
+        return int(LazyConfig.load(path).train.max_iter)
+
     def check(self, flag: str) -> None:
         """Raise ``FileNotFoundError`` naming ``flag`` (the option that sets the config) if the
         config is missing."""
@@ -89,7 +98,7 @@ class Task:
             raise FileNotFoundError(f"task {self.name!r}: config {self.config} not found (set {flag})")
 
 
-def make_tasks(names: Sequence[str], det_config: str = FINETUNE_CFG, seg_config: Optional[str] = None,
+def make_tasks(names: Sequence[str], det_config: str = FINETUNE_CFG, seg_config: Optional[str] = SEG_FINETUNE_CFG,
                seg_metric: str = "sem_seg/mIoU") -> Dict[str, Task]:
     """The tasks ``names`` (of "det", "seg"), their configs checked. Raises ``ValueError`` for an
     unknown task or "seg" without ``seg_config``, ``FileNotFoundError`` for a missing config."""

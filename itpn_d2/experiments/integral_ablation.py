@@ -37,6 +37,7 @@ from .ablation_variants import (
     BUDGETS,
     FINETUNE_CFG,
     PRETRAININGS,
+    SEG_FINETUNE_CFG,
     VARIANTS,
     Task,
     budget_of,
@@ -71,7 +72,8 @@ class AblationOptions:
         pretrain_seeds: pre-training seeds; fine-tuning seed number i uses pre-training seed
             i mod their count.
         pretrain_iters: the equal-iterations budget (the demo's 500).
-        finetune_iters: iterations of each fine-tuning (the demo's schedule).
+        finetune_iters: iterations of each fine-tuning; None: each task's config's own
+            ``train.max_iter`` (the demo's schedules).
         evals: evaluations during each fine-tuning run.
         variants: names of :data:`VARIANTS` to run.
         budgets: names of :data:`BUDGETS` to run.
@@ -91,13 +93,13 @@ class AblationOptions:
     seeds: Sequence[int] = (0, 1, 2, 3, 4)
     pretrain_seeds: Sequence[int] = (0,)
     pretrain_iters: int = 500
-    finetune_iters: int = 450
+    finetune_iters: Optional[int] = None
     evals: int = 3
     variants: Sequence[str] = tuple(VARIANTS)
     budgets: Sequence[str] = BUDGETS
-    tasks: Sequence[str] = ("det",)
+    tasks: Sequence[str] = ("det", "seg")
     det_config: str = FINETUNE_CFG
-    seg_config: Optional[str] = None
+    seg_config: Optional[str] = SEG_FINETUNE_CFG
     seg_metric: str = "sem_seg/mIoU"
     pretrain_mim_mfm: Optional[str] = None
     report_only: bool = False
@@ -314,7 +316,8 @@ def run_ablation(options: AblationOptions) -> List[dict]:
         if options.report_only and not os.path.exists(os.path.join(d, "model_final.pth")):
             return None
         print(f"[ablation] {task.name}: fine-tuning {v} (pre-training budget {b}), seed {seed}", flush=True)
-        return finetune(task, v, ckpt, load_mode, seed, options.finetune_iters, options.evals, d, budget=b)
+        iters = options.finetune_iters or task.max_iter()
+        return finetune(task, v, ckpt, load_mode, seed, iters, options.evals, d, budget=b)
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:

@@ -142,12 +142,29 @@ def test_table_claims_report_and_plots(tmp_path):
 
 def test_tasks_name_missing_configs(tmp_path):
     with pytest.raises(ValueError, match="--seg-config"):
-        make_tasks(["seg"])
+        make_tasks(["seg"], seg_config=None)
     missing = str(tmp_path / "nope.py")
     with pytest.raises(FileNotFoundError, match="nope.py.*--seg-config"):
         make_tasks(["seg"], seg_config=missing)
     with pytest.raises(FileNotFoundError, match="--det-config"):
         make_tasks(["det"], det_config=missing)
+
+
+def test_default_tasks_are_the_demo_stages_with_their_own_schedules():
+    """By default the experiment fine-tunes as `make demo` does: both tasks, each for its
+    config's own number of iterations (no single count forced on detection and segmentation)."""
+    from detectron2.config import LazyConfig
+
+    from itpn_d2.experiments import AblationOptions
+    from itpn_d2.utils.checkout import REPO_ROOT
+
+    options = AblationOptions()
+    assert options.finetune_iters is None and tuple(options.tasks) == ("det", "seg")
+    tasks = make_tasks(options.tasks, options.det_config, options.seg_config)
+    for name, cfg in (("det", "configs/COCO/mask_rcnn_itpn_tiny_demo.py"), ("seg", "configs/ADE20K/uper_itpn_tiny_demo.py")):
+        assert tasks[name].config == cfg
+        assert tasks[name].max_iter() == LazyConfig.load(os.path.join(REPO_ROOT, cfg)).train.max_iter
+    assert tasks["det"].max_iter() != tasks["seg"].max_iter()
 
 
 # ---------------------------------------------------------------- commands, reuse
