@@ -308,8 +308,10 @@ def run_ablation(options: AblationOptions) -> List[dict]:
         tag = v if b == "iters" else f"{v}@flops"
         return (task, v, b, seed, ckpt, load_mode, os.path.join(out, f"ft_{task.name}_{tag}_s{seed}"))
 
-    jobs = list(dict.fromkeys(ft_job(t, v, b, i, s) for t in tasks.values() for b in options.budgets
-                              for i, s in enumerate(options.seeds) for v in options.variants))
+    # Seed by seed, both tasks and every variant of a seed together: an experiment stopped part-way
+    # (it may span sessions) leaves complete paired seeds for every claim and task.
+    jobs = list(dict.fromkeys(ft_job(t, v, b, i, s) for b in options.budgets for i, s in enumerate(options.seeds)
+                              for t in tasks.values() for v in options.variants))
 
     def one(job):
         task, v, b, seed, ckpt, load_mode, d = job

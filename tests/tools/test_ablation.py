@@ -260,6 +260,13 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
                     "pretrain_mim_200it_s0", "pretrain_mim_mfm_100it_s0"]
     # 2 tasks x 2 seeds x (scratch once + 4 pre-trained variants x 2 budgets)
     assert len(ft) == 2 * 2 * (1 + 4 * 2)
+    # seed by seed, each seed's runs of both tasks together (equal iterations first): an experiment
+    # stopped part-way leaves whole paired seeds for every task
+    ft_dirs = [dict(x.split("=", 1) for x in c if "=" in x)["train.output_dir"].rsplit("/", 1)[1] for c in ft]
+    iters_runs = [(d.rsplit("_s", 1)[1], d.split("_")[1]) for d in ft_dirs if "@flops" not in d]
+    assert ft_dirs.index(next(d for d in ft_dirs if "@flops" in d)) == len(iters_runs)
+    assert iters_runs == sorted(iters_runs, key=lambda r: r[0]) and iters_runs[0][0] == "0"
+    assert {t for s_, t in iters_runs[: len(iters_runs) // 2]} == {"det", "seg"}
     loads = {dict(x.split("=", 1) for x in c if "=" in x)["train.output_dir"].rsplit("/", 1)[1]:
              dict(x.split("=", 1) for x in c if "=" in x) for c in ft}
     assert loads["ft_det_backbone_only_s0"]["train.backbone_load"] == "encoder_only"
