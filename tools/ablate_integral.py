@@ -51,8 +51,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=DEFAULTS.output_dir)
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULTS.seeds), help="fine-tuning seeds")
-    p.add_argument("--pretrain-seeds", type=int, nargs="+", default=list(DEFAULTS.pretrain_seeds),
-                   help="pre-training seeds; fine-tuning seed number i uses pre-training seed i mod their count")
+    p.add_argument("--pretrain-seeds", type=int, nargs="+", default=DEFAULTS.pretrain_seeds,
+                   help="pre-training seeds; fine-tuning seed number i uses pre-training seed i mod their count "
+                        "(default: one pre-training per fine-tuning seed, the same seed)")
     p.add_argument("--pretrain-iters", type=int, default=DEFAULTS.pretrain_iters,
                    help="the equal-iterations budget (the demo's 500)")
     p.add_argument("--finetune-iters", type=int, default=DEFAULTS.finetune_iters, help="default: the demo's schedule")

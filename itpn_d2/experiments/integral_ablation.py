@@ -23,6 +23,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -70,7 +71,8 @@ class AblationOptions:
         output_dir: the experiment's folder (every run and the report).
         seeds: fine-tuning seeds.
         pretrain_seeds: pre-training seeds; fine-tuning seed number i uses pre-training seed
-            i mod their count.
+            i mod their count. None: one pre-training per fine-tuning seed (seed s fine-tunes
+            from the pre-trainings of seed s), so the intervals cover pre-training noise too.
         pretrain_iters: the equal-iterations budget (the demo's 500).
         finetune_iters: iterations of each fine-tuning; None: each task's config's own
             ``train.max_iter`` (the demo's schedules).
@@ -91,7 +93,7 @@ class AblationOptions:
     # field order is the order of the tool's flags and of "args" in results.json
     output_dir: str = "output/ablation"
     seeds: Sequence[int] = (0, 1, 2, 3, 4)
-    pretrain_seeds: Sequence[int] = (0,)
+    pretrain_seeds: Optional[Sequence[int]] = None
     pretrain_iters: int = 500
     finetune_iters: Optional[int] = None
     evals: int = 3
@@ -213,11 +215,35 @@ def mim_curve(out: str) -> List[List[float]]:
     return curve
 
 
+def _check_reused_run(out: str, ckpt: Optional[str]) -> None:
+    """Refuse to reuse (or resume) a fine-tuning folder that was started from another checkpoint
+    than the one asked for (e.g. made when every seed shared one pre-training): raise
+    ``RuntimeError`` naming both. The folder's ``config.yaml`` (written by the training script)
+    records what it loaded."""
+    path = os.path.join(out, "config.yaml")
+    if not os.path.exists(path):
+        return
+    had, in_train = "", False
+    with open(path) as f:  # not yaml.safe_load: the saved config has python tags (ShapeSpec, ...)
+        for line in f:
+            if line[:1].strip():  # a top-level key
+                in_train = line.startswith("train:")
+            elif in_train and line.startswith("  init_checkpoint:"):
+                had = line.split(":", 1)[1].strip().strip("'\"")
+                break
+    want = ckpt or ""
+    same = os.path.abspath(had) == os.path.abspath(want) if had and want else had == want
+    if not same:
+        raise RuntimeError(f"{out} was fine-tuned from {had or 'nothing (scratch)'!r}, this experiment asks "
+                           f"for {want or 'nothing (scratch)'!r}: move the folder away or use another --output-dir")
+
+
 def finetune(task: Task, variant: str, ckpt: Optional[str], load_mode: str, seed: int, iters: int, evals: int,
              out: str, budget: str = "iters") -> dict:
     """Run (or reuse, or resume) one fine-tuning; returns its record:
     {"task", "variant", "budget", "seed", "loss": [(iter, total_loss)],
      "evals": [(iters trained, {metric: value})], "final": {metric: value}}."""
+    _check_reused_run(out, ckpt)
     if not os.path.exists(os.path.join(out, "model_final.pth")):
         os.makedirs(out, exist_ok=True)
         cmd = [sys.executable, "tools/lazyconfig_train_net.py", "--config-file", task.config, "--resume",
@@ -274,6 +300,8 @@ def run_ablation(options: AblationOptions) -> List[dict]:
     with open(flops_path, "w") as f:
         json.dump(flops, f, indent=1)
 
+    pre_seeds = list(options.pretrain_seeds or options.seeds)
+
     def pre_dir(kind, budget, seed):
         return os.path.join(out, f"pretrain_{kind}_{iters[budget][kind]}it_s{seed}")
 
@@ -281,7 +309,7 @@ def run_ablation(options: AblationOptions) -> List[dict]:
         given = os.path.abspath(options.pretrain_mim_mfm)
         if not os.path.isfile(given):
             raise AblationError(f"--pretrain-mim-mfm {options.pretrain_mim_mfm}: no such file")
-        d = pre_dir("mim_mfm", "iters", options.pretrain_seeds[0])
+        d = pre_dir("mim_mfm", "iters", pre_seeds[0])
         os.makedirs(d, exist_ok=True)
         beside = os.path.join(os.path.dirname(given), "metrics.json")
         for name, src in (("model_final.pth", given), ("metrics.json", beside)):
@@ -289,22 +317,25 @@ def run_ablation(options: AblationOptions) -> List[dict]:
             if os.path.exists(src) and not os.path.lexists(dst):
                 os.symlink(src, dst)
 
-    pre_jobs = sorted({(k, b, s) for k in kinds for b in options.budgets for s in options.pretrain_seeds},
-                      key=lambda j: (iters[j[1]][j[0]], j))
-    pre_jobs = list(dict.fromkeys((k, pre_dir(k, b, s), iters[b][k], s) for k, b, s in pre_jobs))
-    if not options.report_only:
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
-                list(pool.map(lambda j: pretrain(j[0], j[1], j[2], j[3]), pre_jobs))
-        except RuntimeError as e:
-            raise AblationError(str(e)) from e
+    # Pre-trainings run when a fine-tuning first needs them (seed by seed, as the fine-tunings),
+    # each once: a lock per folder keeps two fine-tunings from starting the same one.
+    pre_locks: Dict[str, threading.Lock] = {}
+    locks_guard = threading.Lock()
+
+    def ensure_pretrained(kind, budget, seed):
+        d = pre_dir(kind, budget, seed)
+        with locks_guard:
+            lock = pre_locks.setdefault(d, threading.Lock())
+        with lock:
+            return pretrain(kind, d, iters[budget][kind], seed)
 
     def ft_job(task, v, budget, i, seed):
         kind, load_mode = VARIANTS[v]
         b = budget_of(v, budget)
         ckpt = None
         if kind is not None:
-            ckpt = os.path.join(pre_dir(kind, b, options.pretrain_seeds[i % len(options.pretrain_seeds)]), "model_final.pth")
+            pre = (kind, b, pre_seeds[i % len(pre_seeds)])
+            ckpt = (os.path.join(pre_dir(*pre), "model_final.pth"), pre)
         tag = v if b == "iters" else f"{v}@flops"
         return (task, v, b, seed, ckpt, load_mode, os.path.join(out, f"ft_{task.name}_{tag}_s{seed}"))
 
@@ -317,9 +348,13 @@ def run_ablation(options: AblationOptions) -> List[dict]:
         task, v, b, seed, ckpt, load_mode, d = job
         if options.report_only and not os.path.exists(os.path.join(d, "model_final.pth")):
             return None
+        if ckpt is not None:
+            ckpt, pre = ckpt
+            if not options.report_only and not os.path.exists(os.path.join(d, "model_final.pth")):
+                ensure_pretrained(*pre)
         print(f"[ablation] {task.name}: fine-tuning {v} (pre-training budget {b}), seed {seed}", flush=True)
-        iters = options.finetune_iters or task.max_iter()
-        return finetune(task, v, ckpt, load_mode, seed, iters, options.evals, d, budget=b)
+        ft_iters = options.finetune_iters or task.max_iter()
+        return finetune(task, v, ckpt, load_mode, seed, ft_iters, options.evals, d, budget=b)
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
@@ -329,7 +364,7 @@ def run_ablation(options: AblationOptions) -> List[dict]:
 
     curves = {}  # the equal-iterations pre-trainings: MIM loss with and without the pyramid
     for k in kinds:
-        for s in options.pretrain_seeds:
+        for s in pre_seeds:
             d = pre_dir(k, "iters", s)
             if os.path.exists(os.path.join(d, "metrics.json")):
                 curves.setdefault(k, {})[s] = mim_curve(d)

@@ -212,6 +212,27 @@ def test_finished_runs_are_read_back_not_rerun(ablate, tmp_path, monkeypatch):
     assert r["final"] == {"mIoU": 41.5} and r["task"] == "seg"
 
 
+def test_a_run_from_another_checkpoint_is_refused_not_reused(ablate, tmp_path, monkeypatch):
+    """A finished (or part-done) fine-tuning folder is reused only if it loaded the checkpoint the
+    experiment asks for; otherwise the error names both (as the training script saves config.yaml)."""
+    monkeypatch.setattr(ablate, "run", lambda cmd, log: pytest.fail("a mismatched run was (re)run"))
+    tasks = _tasks(tmp_path)
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "model_final.pth").write_bytes(b"")
+    (out / "metrics.json").write_text(json.dumps({"iteration": 299, "bbox/AP": 4.0, "segm/AP": 3.0}) + "\n")
+    (out / "config.yaml").write_text("model:\n  init_checkpoint: nope\ntrain:\n  amp: {enabled: false}\n"
+                                     "  init_checkpoint: /runs/pretrain_mim_500it_s0/model_final.pth\n  seed: 1\n")
+    r = ablate.finetune(tasks["det"], "integral_mim", "/runs/pretrain_mim_500it_s0/model_final.pth", "strict", 1,
+                        300, 3, str(out))
+    assert r["final"] == {"box_AP": 4.0, "mask_AP": 3.0}
+    with pytest.raises(RuntimeError, match="pretrain_mim_500it_s0.*pretrain_mim_500it_s1"):
+        ablate.finetune(tasks["det"], "integral_mim", "/runs/pretrain_mim_500it_s1/model_final.pth", "strict", 1,
+                        300, 3, str(out))
+    with pytest.raises(RuntimeError, match="scratch"):
+        ablate.finetune(tasks["det"], "scratch", None, "strict", 1, 300, 3, str(out))
+
+
 def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     """The whole experiment (run_ablation, what the tool runs) on fake runs: the jobs it launches
     (configs, load modes, budgets, checkpoints), the files it writes; a second call launches nothing."""
@@ -256,8 +277,12 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     ft = [c for c in launched if c not in pre]
     dirs = sorted(os.path.basename(dict(x.split("=", 1) for x in c if "=" in x)["train.output_dir"]) for c in pre)
     # equal iterations: 100 each; equal FLOPs: 100 x 9 / 3 = 300 and 100 x 9 / 4.5 = 200 (mim_mfm's is shared)
-    assert dirs == ["pretrain_backbone_only_100it_s0", "pretrain_backbone_only_300it_s0", "pretrain_mim_100it_s0",
-                    "pretrain_mim_200it_s0", "pretrain_mim_mfm_100it_s0"]
+    # by default one pre-training per fine-tuning seed, with that seed
+    assert dirs == sorted(f"pretrain_{k}_s{s}" for s in (0, 1) for k in (
+        "backbone_only_100it", "backbone_only_300it", "mim_100it", "mim_200it", "mim_mfm_100it"))
+    # each pre-training is run when its seed's fine-tunings need it: seed 1's after seed 0's runs began
+    order = [os.path.basename(dict(x.split("=", 1) for x in c if "=" in x)["train.output_dir"]) for c in launched]
+    assert order.index("pretrain_mim_100it_s1") > order.index("ft_seg_integral_mim_s0")
     # 2 tasks x 2 seeds x (scratch once + 4 pre-trained variants x 2 budgets)
     assert len(ft) == 2 * 2 * (1 + 4 * 2)
     # seed by seed, each seed's runs of both tasks together (equal iterations first): an experiment
@@ -271,8 +296,8 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
              dict(x.split("=", 1) for x in c if "=" in x) for c in ft}
     assert loads["ft_det_backbone_only_s0"]["train.backbone_load"] == "encoder_only"
     for run_dir, pre in (("ft_det_backbone_only_s0", "pretrain_backbone_only_100it_s0"),
-                         ("ft_seg_encoder_only@flops_s1", "pretrain_mim_200it_s0"),
-                         ("ft_det_integral_mim_mfm@flops_s1", "pretrain_mim_mfm_100it_s0")):
+                         ("ft_seg_encoder_only@flops_s1", "pretrain_mim_200it_s1"),
+                         ("ft_det_integral_mim_mfm@flops_s1", "pretrain_mim_mfm_100it_s1")):
         assert loads[run_dir]["train.init_checkpoint"].endswith(f"{pre}/model_final.pth"), run_dir
     assert loads["ft_det_scratch_s0"]["train.init_checkpoint"] == ""
 
@@ -281,7 +306,7 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     assert len(res["runs"]) == 2 * 2 * (1 + 4 * 2)
     assert set(res["mim_curves"]) == {"backbone_only", "mim", "mim_mfm"}
     assert res["mim_curves"]["backbone_only"]["0"][0] == [19, pytest.approx(1.031)]
-    assert res["mim_claim"]["diffs"] == [pytest.approx(-0.05)]
+    assert res["mim_claim"]["diffs"] == [pytest.approx(-0.05)] * 2  # paired per pre-training seed
     claim = [c for c in res["claims"] if c["a"] == "integral_mim" and c["b"] == "encoder_only"
              and c["task"] == "det" and c["metric"] == "box_AP" and c["when"] == "final" and c["budget"] == "iters"]
     assert claim[0]["diffs"] == [-2.0, -2.0]
@@ -296,7 +321,7 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     launched.clear()
     out2 = tmp_path / "abl2"
     ablate.run_ablation(replace(options, output_dir=str(out2), variants=["integral_mim_mfm"], budgets=["iters"],
-                                tasks=["det"], pretrain_mim_mfm=str(demo / "model_final.pth")))
+                                tasks=["det"], pretrain_seeds=[0], pretrain_mim_mfm=str(demo / "model_final.pth")))
     assert [c for c in launched if "pretrain" in c[c.index("--config-file") + 1]] == []
     assert (out2 / "pretrain_mim_mfm_100it_s0" / "model_final.pth").read_bytes() == b"demo"
     assert json.loads((out2 / "results.json").read_text())["mim_curves"] == {"mim_mfm": {"0": [[19, 0.5]]}}
