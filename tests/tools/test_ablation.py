@@ -346,10 +346,12 @@ def test_command_line_flags_and_errors(tmp_path):
     assert r.returncode == 0, r.stderr
     for field in integral_ablation.AblationOptions.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in r.stdout, field
-    r = subprocess.run([sys.executable, tool, "--output-dir", str(tmp_path / "abl"), "--tasks", "seg"],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    missing = str(tmp_path / "no_such_seg_config.py")
+    r = subprocess.run([sys.executable, tool, "--output-dir", str(tmp_path / "abl"), "--tasks", "seg",
+                        "--seg-config", missing], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     last = r.stderr.strip().splitlines()[-1]  # after any library warnings
-    assert r.returncode == 1 and last.startswith("[ablation] task 'seg' needs --seg-config"), r.stderr
+    assert r.returncode == 1 and last.startswith(f"[ablation] task 'seg': config {missing} not found"), r.stderr
+    assert "--seg-config" in last and not os.path.exists(tmp_path / "abl" / "flops.json")  # nothing was run
 
 
 # ---------------------------------------------------------------- FLOPs
