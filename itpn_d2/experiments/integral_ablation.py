@@ -343,6 +343,8 @@ def run_ablation(options: AblationOptions) -> List[dict]:
     # (it may span sessions) leaves complete paired seeds for every claim and task.
     jobs = list(dict.fromkeys(ft_job(t, v, b, i, s) for b in options.budgets for i, s in enumerate(options.seeds)
                               for t in tasks.values() for v in options.variants))
+    # Each task's schedule, read once (loading a LazyConfig takes about a second).
+    ft_iters = {t.name: options.finetune_iters or t.max_iter() for t in tasks.values()}
 
     def one(job):
         task, v, b, seed, ckpt, load_mode, d = job
@@ -353,8 +355,7 @@ def run_ablation(options: AblationOptions) -> List[dict]:
             if not options.report_only and not os.path.exists(os.path.join(d, "model_final.pth")):
                 ensure_pretrained(*pre)
         print(f"[ablation] {task.name}: fine-tuning {v} (pre-training budget {b}), seed {seed}", flush=True)
-        ft_iters = options.finetune_iters or task.max_iter()
-        return finetune(task, v, ckpt, load_mode, seed, ft_iters, options.evals, d, budget=b)
+        return finetune(task, v, ckpt, load_mode, seed, ft_iters[task.name], options.evals, d, budget=b)
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
