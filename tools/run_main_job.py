@@ -143,9 +143,13 @@ def run_job(argv=None) -> None:
     m = merged_metrics(ft_dir)
     box_ap, mask_ap = m.get("bbox/AP"), m.get("segm/AP")
     miou = merged_metrics(seg_dir).get("sem_seg/mIoU")
+    with open(os.path.join(recon_dir, "reconstruction_errors.json")) as f:
+        recon_ratio = json.load(f)["mean_ratio"]
     summary = {
         "box_AP": box_ap, "mask_AP": mask_ap, "box_AP50": m.get("bbox/AP50"), "mask_AP50": m.get("segm/AP50"),
         "mIoU": miou,
+        # masked units' error / the error of filling each with its true colour (< 1: shapes drawn)
+        "reconstruction_error_ratio": recon_ratio,
         "pretrain_checkpoint": pre_ckpt, "finetune_checkpoint": ft_ckpt, "segmentation_checkpoint": seg_ckpt,
         "metrics": [os.path.join(pre_dir, "metrics.json"), os.path.join(ft_dir, "metrics.json"),
                     os.path.join(seg_dir, "metrics.json")],
@@ -164,7 +168,8 @@ def run_job(argv=None) -> None:
     print(f"  pre-trained checkpoint : {pre_ckpt}")
     print(f"  fine-tuned checkpoints : {ft_ckpt}, {seg_ckpt}")
     print(f"  metrics                : {', '.join(summary['metrics'])}")
-    print(f"  reconstructions        : {recon_dir}")
+    print(f"  reconstructions        : {recon_dir} (masked-unit error / their true colours' "
+          f"error: {recon_ratio:.2f}; < 1 means shapes drawn inside the units)")
     print(f"  rendered predictions   : {pred_dir}, {seg_pred_dir}")
     print(f"  total time             : {summary['minutes']} min; summary in {os.path.join(out, 'summary.json')}")
 

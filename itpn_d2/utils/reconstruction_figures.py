@@ -6,7 +6,13 @@ For each input image, ``OUTPUT/<name>.png``: four titled panels, original | mask
 (:mod:`itpn_d2.utils.visualize_mim`). The masks come from the model's eval-mode generator
 (``model.eval_mask_seed``), so figures are reproducible. An unreadable image is skipped
 with a warning; a run with none readable is an error.
+
+Beside the figures, ``OUTPUT/reconstruction_errors.json``: per image and on average, the
+masked units' error against the line "each masked unit in its true mean colour"
+(:func:`itpn_d2.utils.visualize_mim.masked_unit_errors`); a ``ratio`` below 1 means the
+model draws structure inside the masked units, not just their colours.
 """
+import json
 import argparse
 import logging
 import os
@@ -22,7 +28,7 @@ from itpn_d2.config import ConfigOverrideError, add_opts_argument, load_config
 from itpn_d2.data.image_folder import IMAGE_EXTENSIONS, load_image_folder
 from itpn_d2.utils.panel_titles import add_panel_titles
 from itpn_d2.utils.user_errors import exit_on_user_error
-from itpn_d2.utils.visualize_mim import load_eval_image, panels_from_model_output
+from itpn_d2.utils.visualize_mim import load_eval_image, masked_unit_errors, panels_from_model_output
 from itpn_d2.utils.weights import load_weights
 
 __all__ = ["get_parser", "input_files", "figure_name", "write_reconstruction_figures", "main", "cli"]
@@ -73,10 +79,11 @@ def write_reconstruction_figures(
     model: torch.nn.Module, files: List[str], *, input_root: str, output_dir: str, size: int, device
 ) -> List[str]:
     """One titled figure per readable file of ``files`` into ``output_dir`` (created), named
-    by :func:`figure_name` relative to ``input_root``. Returns the paths written; raises
+    by :func:`figure_name` relative to ``input_root``, and ``reconstruction_errors.json``
+    (module docstring) when the model reconstructs pixels. Returns the figure paths; raises
     ``RuntimeError`` when no file is readable."""
     os.makedirs(output_dir, exist_ok=True)
-    written = []
+    written, errors = [], {}
     for f in files:
         try:
             image = load_eval_image(f, size)
@@ -89,9 +96,18 @@ def write_reconstruction_figures(
         dst = os.path.join(output_dir, figure_name(f, input_root))
         Image.fromarray(add_panel_titles(panel)).save(dst)
         written.append(dst)
-        logger.info(f"{f} -> {dst}")
+        unit = out["image"].shape[-2] // out["mask"].shape[-2]
+        err = masked_unit_errors(out["image"][0], out["mask"][0], out["pred_pixels"][0], unit=unit)
+        errors[os.path.basename(dst)] = err
+        logger.info(f"{f} -> {dst} (masked units: error {err['mse']:.0f}, their true colours "
+                    f"{err['flat_mse']:.0f}, ratio {err['ratio']:.2f})")
     if not written:
         raise RuntimeError(f"no readable image in '{input_root}' (extensions {list(IMAGE_EXTENSIONS)})")
+    mean_ratio = sum(e["ratio"] for e in errors.values()) / len(errors)
+    with open(os.path.join(output_dir, "reconstruction_errors.json"), "w") as fp:
+        json.dump({"mean_ratio": mean_ratio, "images": errors}, fp, indent=1)
+    logger.info(f"Masked units' error / their true colours' error, mean over images: {mean_ratio:.2f} "
+                f"(< 1: structure inside the units is reconstructed)")
     logger.info(f"Wrote {len(written)} reconstruction figure(s) to {output_dir}")
     return written
 

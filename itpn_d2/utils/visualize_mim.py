@@ -19,6 +19,7 @@ __all__ = [
     "compose_reconstruction_panel",
     "stack_rows",
     "panels_from_model_output",
+    "masked_unit_errors",
     "load_eval_image",
 ]
 
@@ -130,6 +131,39 @@ def panels_from_model_output(
         compose_reconstruction_panel(image, mask, pred, unit=unit, gap=gap)
         for image, mask, pred in zip(out["image"], out["mask"], out["pred_pixels"])
     ]
+
+
+def masked_unit_errors(image: ArrayLike, mask: ArrayLike, reconstruction: ArrayLike, *, unit: int = 16) -> Dict[str, float]:
+    """
+    How much of the masked units' content a reconstruction recovers beyond their colour.
+
+    With norm-pix targets the figures de-normalise each predicted unit with the true unit's
+    mean and std (as MAE's figures do), so a model that has learnt nothing but colours
+    already paints every masked unit in about its own colour. The fair line is therefore
+    "each masked unit filled with its true per-channel mean colour": a reconstruction below
+    it has drawn structure (edges, shapes) inside the units; one at or above it has not.
+
+    Args:
+        image, reconstruction: (3, H, W) (or (H, W, 3)) 0-255.
+        mask: (N,) or (H/unit, W/unit) bool, True = masked unit.
+    Returns:
+        ``mse`` (reconstruction vs image over masked pixels, 0-255 scale), ``flat_mse`` (each
+        masked unit's true mean colour vs image), ``ratio`` = mse / flat_mse (< 1: structure
+        inside the units is reconstructed), ``masked_units``.
+    """
+    orig = _to_uint8_hwc(image).astype(np.float64)
+    recon = _to_uint8_hwc(reconstruction).astype(np.float64)
+    H, W = orig.shape[:2]
+    h, w = H // unit, W // unit
+    m = _to_numpy(mask).astype(bool).reshape(h, w)
+    if not m.any():
+        raise ValueError("mask has no masked unit")
+    units = orig.reshape(h, unit, w, unit, 3)
+    flat = np.broadcast_to(units.mean(axis=(1, 3), keepdims=True), units.shape).reshape(H, W, 3)
+    pix = unit_mask_to_pixels(m, (h, w), unit)
+    mse = float(((recon - orig) ** 2)[pix].mean())
+    flat_mse = float(((flat - orig) ** 2)[pix].mean())
+    return {"mse": mse, "flat_mse": flat_mse, "ratio": mse / max(flat_mse, 1e-12), "masked_units": int(m.sum())}
 
 
 def load_eval_image(file_name: str, size: int) -> torch.Tensor:

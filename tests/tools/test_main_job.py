@@ -28,6 +28,7 @@ def test_main_job_quick(tmp_path, repo_root):
     # COCOEvaluator ran and returned numbers (a few iterations: any value, but a number)
     assert isinstance(summary["box_AP"], float) and isinstance(summary["mask_AP"], float)
     assert isinstance(summary["mIoU"], float) and 0.0 <= summary["mIoU"] <= 100.0  # SemSegEvaluator ran
+    assert summary["reconstruction_error_ratio"] > 0  # the reconstruction meter ran
     assert set(summary["stage_seconds"]) >= {"pretrain", "detection", "segmentation"}
 
     # the fine-tuning log says the whole pre-trained backbone (encoder AND pyramid) was loaded
@@ -41,7 +42,7 @@ def test_main_job_quick(tmp_path, repo_root):
         assert glob.glob(os.path.join(os.path.dirname(ckpt), "events.out.tfevents.*")), ckpt
 
     for folder in (summary["reconstructions"], summary["predictions"], summary["segmentations"]):
-        pngs = glob.glob(os.path.join(folder, "*"))
+        pngs = glob.glob(os.path.join(folder, "*.png")) + glob.glob(os.path.join(folder, "*.jpg"))
         assert pngs, folder
         for p in pngs:
             assert cv2.imread(p) is not None, p

@@ -1,4 +1,5 @@
 """Reconstruction figures: the panel composer, de-normalisation, the tool and the hook."""
+import json
 import os
 import textwrap
 import types
@@ -10,7 +11,9 @@ import torch
 from PIL import Image
 
 from itpn_d2.modeling.unit_layout import denormalize_unit_predictions, patchify_units, unpatchify_units
-from itpn_d2.utils.visualize_mim import compose_reconstruction_panel, panels_from_model_output, stack_rows
+from itpn_d2.utils.visualize_mim import (
+    compose_reconstruction_panel, masked_unit_errors, panels_from_model_output, stack_rows,
+)
 from itpn_d2.utils.panel_titles import TITLE_HEIGHT
 
 MEAN = (123.675, 116.28, 103.53)
@@ -148,6 +151,26 @@ def _write_images(folder, n):
         cv2.imwrite(os.path.join(folder, f"img{i}.jpg"), rng.integers(0, 256, (50 + 10 * i, 70, 3), dtype=np.uint8))
 
 
+def test_masked_unit_errors_line_is_each_units_true_colour():
+    image = _rand_image(3, 32, 48)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[0, 1] = mask[1, 2] = True
+    exact = masked_unit_errors(image, mask, image, unit=16)
+    assert exact["mse"] == 0 and exact["ratio"] == 0 and exact["masked_units"] == 2
+    # each unit filled with its own mean colour: the line itself (ratio 1, up to uint8 rounding)
+    flat = image.reshape(3, 2, 16, 3, 16).mean(dim=(2, 4), keepdim=True).expand(3, 2, 16, 3, 16).reshape(3, 32, 48)
+    assert masked_unit_errors(image, mask, flat, unit=16)["ratio"] == pytest.approx(1.0, abs=0.01)
+    # one colour for the whole image (a typical background colour) is worse than the line
+    grey = image.mean(dim=(1, 2), keepdim=True).expand_as(image)
+    assert masked_unit_errors(image, mask, grey, unit=16)["ratio"] > 1.0
+    # only the masked units count: wrecking a visible unit changes nothing
+    wrecked = image.clone()
+    wrecked[:, :16, :16] = 0
+    assert masked_unit_errors(image, mask, wrecked, unit=16)["mse"] == 0
+    with pytest.raises(ValueError, match="no masked unit"):
+        masked_unit_errors(image, torch.zeros(2, 3, dtype=torch.bool), image, unit=16)
+
+
 def test_tool_writes_pngs(tmp_path, tiny_model):
     from itpn_d2.utils import reconstruction_figures as tool
 
@@ -168,6 +191,11 @@ def test_tool_writes_pngs(tmp_path, tiny_model):
         figure = np.asarray(Image.open(w))
         assert figure.shape == (TITLE_HEIGHT + 64, 4 * 64 + 3 * 4, 3)
         assert (figure[:TITLE_HEIGHT] < 128).any()  # the panel titles
+    with open(out_dir / "reconstruction_errors.json") as f:
+        errors = json.load(f)
+    assert sorted(errors["images"]) == ["sub__img0.png", "sub__img1.png"]
+    ratios = [e["ratio"] for e in errors["images"].values()]
+    assert all(r > 0 for r in ratios) and errors["mean_ratio"] == pytest.approx(sum(ratios) / 2)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         tool.main(["--config-file", str(cfg), "--checkpoint", str(tmp_path / "missing.pth"),
                    "--input", str(inp / "img0.jpg"), "--output", str(out_dir)])
