@@ -105,6 +105,7 @@ class UPerHead(nn.Module):
         aux_in_feature: Optional[FeatureGroup] = None,
         aux_channels: int = 256,
         aux_loss_weight: float = 0.4,
+        class_weight: Optional[Sequence[float]] = None,
     ):
         """
         Args:
@@ -123,6 +124,8 @@ class UPerHead(nn.Module):
             aux_in_feature: level (name or tuple) of the auxiliary FCN head; None turns it off.
             aux_channels: width of the auxiliary conv.
             aux_loss_weight: weight of the auxiliary loss.
+            class_weight: per-class weights of the cross-entropy (K values; mmseg's
+                ``CrossEntropyLoss(class_weight=...)``); None: every class 1.
         """
         super().__init__()
         if in_features is None:
@@ -137,6 +140,12 @@ class UPerHead(nn.Module):
 
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
+        if class_weight is not None and len(class_weight) != num_classes:
+            raise ValueError(f"UPerHead: class_weight has {len(class_weight)} values, num_classes is {num_classes}")
+        self.register_buffer(
+            "class_weight", None if class_weight is None else torch.tensor(class_weight, dtype=torch.float32),
+            persistent=False,
+        )
         self.common_stride = strides[0]
 
         self.ppm = _PPM(in_channels=in_channels[-1], channels=channels, pool_scales=pool_scales, norm=norm)
@@ -228,6 +237,10 @@ class UPerHead(nn.Module):
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # Upsampled in fp32: bilinear interpolation in half precision is lossy (pytorch#48163).
         logits = _resize(logits.float(), targets.shape[-2:])
-        loss = F.cross_entropy(logits, targets, reduction="sum", ignore_index=self.ignore_value)
-        # Mean over labelled pixels; a crop that is all void gives 0, not the NaN of reduction="mean".
-        return loss / (targets != self.ignore_value).sum().clamp(min=1)
+        loss = F.cross_entropy(logits, targets, weight=self.class_weight, reduction="sum", ignore_index=self.ignore_value)
+        # Mean over labelled pixels (weighted: over their weights, as reduction="mean" does); a crop
+        # that is all void gives 0, not the NaN of reduction="mean".
+        valid = targets != self.ignore_value
+        if self.class_weight is None:
+            return loss / valid.sum().clamp(min=1)
+        return loss / self.class_weight[targets[valid]].sum().clamp(min=1e-6)

@@ -125,6 +125,25 @@ def test_ignore_value_is_ignored():
     assert losses["loss_sem_seg"].requires_grad
 
 
+def test_class_weights_give_the_weighted_mean_cross_entropy():
+    shapes = {"p2": ShapeSpec(channels=8, stride=4)}
+    weights = [0.5, 2.0, 4.0]
+    head = UPerHead(input_shape=shapes, num_classes=3, channels=8, norm=None, dropout=0.0, class_weight=weights)
+    plain = UPerHead(input_shape=shapes, num_classes=3, channels=8, norm=None, dropout=0.0)
+    plain.load_state_dict(head.state_dict())  # same weights; class_weight is not a checkpoint tensor
+    torch.manual_seed(0)
+    feats = {"p2": torch.randn(2, 8, 6, 6)}
+    targets = torch.randint(0, 3, (2, 24, 24))
+    targets[0, :4] = 255
+    logits = torch.nn.functional.interpolate(head.layers(feats), size=(24, 24), mode="bilinear", align_corners=False)
+    want = torch.nn.functional.cross_entropy(logits, targets, weight=torch.tensor(weights), ignore_index=255)
+    got = head(feats, targets)[1]["loss_sem_seg"]
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert got.item() != pytest.approx(plain(feats, targets)[1]["loss_sem_seg"].item(), rel=1e-3)
+    with pytest.raises(ValueError, match="class_weight has 2 values"):
+        UPerHead(input_shape=shapes, num_classes=3, class_weight=[1.0, 2.0])
+
+
 @pytest.mark.parametrize("hw", [(96, 128), (100, 120)])
 def test_inference_returns_logits_at_input_size(hw):
     model = build_tiny().eval()
