@@ -163,6 +163,7 @@ def register_synthetic(root: Optional[str] = None, *, prefix: str = DEFAULT_PREF
                 stuff_classes=stuff_classes(),
                 stuff_colors=[[0, 0, 0]] + thing_colors,
                 ignore_label=SEM_SEG_IGNORE,
+                background_label=0,  # renderings leave it undrawn (itpn_d2.utils.predictor)
             ),
         )
     _register(

@@ -25,7 +25,7 @@ from detectron2.utils.logger import setup_logger
 
 from itpn_d2.checkpoint import BackboneLoadError, CheckpointFileError
 from itpn_d2.config import ConfigOverrideError, add_opts_argument, load_config
-from itpn_d2.utils.predictor import LazyPredictor, metadata_for, visualize
+from itpn_d2.utils.predictor import LazyPredictor, metadata_for, sem_seg_labels_to_draw, visualize
 from itpn_d2.utils.user_errors import exit_on_user_error
 from itpn_d2.utils.weights import load_weights
 
@@ -185,7 +185,7 @@ def run_video(args, predictor, metadata, logger):
             inst = inst[inst.scores >= args.confidence_threshold] if inst.has("scores") else inst
             vis = vv.draw_instance_predictions(rgb, inst)
         elif "sem_seg" in pred:
-            vis = vv.draw_sem_seg(rgb, pred["sem_seg"].argmax(dim=0).cpu())
+            vis = vv.draw_sem_seg(rgb, sem_seg_labels_to_draw(pred["sem_seg"], metadata))
         else:
             raise KeyError(f"nothing to draw: predictions have keys {sorted(pred)}")
         if writer is not None:

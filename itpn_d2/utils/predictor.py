@@ -16,7 +16,7 @@ from detectron2.data import transforms as T
 from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-__all__ = ["LazyPredictor", "metadata_for", "visualize"]
+__all__ = ["LazyPredictor", "metadata_for", "sem_seg_labels_to_draw", "visualize"]
 
 
 def _get(cfg, dotted: str, default=None):
@@ -107,6 +107,18 @@ class LazyPredictor:
         return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in out.items()}
 
 
+def sem_seg_labels_to_draw(logits: torch.Tensor, metadata: Metadata) -> torch.Tensor:
+    """(K, H, W) logits -> (H, W) labels for ``Visualizer.draw_sem_seg``, with the dataset's
+    background class (``metadata.background_label``, when the dataset sets one) left undrawn:
+    the Visualizer skips label values outside ``stuff_classes``, so the image shows through where
+    nothing was found instead of under a background-coloured overlay."""
+    labels = logits.argmax(dim=0).cpu()
+    background = metadata.get("background_label", None)
+    if background is not None:
+        labels[labels == background] = len(metadata.stuff_classes)
+    return labels
+
+
 def visualize(
     bgr_image: np.ndarray,
     predictions: dict,
@@ -121,7 +133,7 @@ def visualize(
         seg, info = predictions["panoptic_seg"]
         out = vis.draw_panoptic_seg_predictions(seg.cpu(), info)
     elif "sem_seg" in predictions:
-        out = vis.draw_sem_seg(predictions["sem_seg"].argmax(dim=0).cpu())
+        out = vis.draw_sem_seg(sem_seg_labels_to_draw(predictions["sem_seg"], metadata))
     elif "instances" in predictions:
         inst = predictions["instances"].to("cpu")
         if inst.has("scores"):

@@ -146,3 +146,30 @@ def test_demo_rejects_bad_arguments(tmp_path, capsys):
     assert "ERROR: --input" in err and "no image files" in err
     with pytest.raises(SystemExit):
         demo.main(["--config-file", cfg_path])
+
+
+def test_sem_seg_rendering_leaves_the_background_class_undrawn():
+    from detectron2.data import Metadata
+
+    from itpn_d2.utils.predictor import sem_seg_labels_to_draw, visualize
+
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    logits = torch.zeros(3, 32, 48)
+    logits[0] = 1.0  # background everywhere ...
+    logits[2, 8:16, 8:24] = 2.0  # ... but one box of class 2
+    classes = dict(stuff_classes=["background", "a", "b"], stuff_colors=[[0, 0, 0], [255, 0, 0], [0, 255, 0]])
+    with_bg = Metadata(name="render_bg_test", background_label=0, **classes)
+    plain = Metadata(name="render_plain_test", **classes)
+    labels = sem_seg_labels_to_draw(logits, with_bg)
+    assert set(labels.unique().tolist()) == {2, 3}  # background -> a value the Visualizer skips
+    assert set(sem_seg_labels_to_draw(logits, plain).unique().tolist()) == {0, 2}
+    rgb = bgr[:, :, ::-1]
+    drawn = visualize(bgr, {"sem_seg": logits}, with_bg)
+    outside = np.ones((32, 48), bool)
+    outside[6:18, 6:26] = False  # the box and its drawn edge
+    # the image shows through (all but the class's text label, which may overhang the box)
+    assert (np.abs(drawn[outside].astype(int) - rgb[outside]).max(axis=-1) <= 2).mean() > 0.8
+    assert np.abs(drawn[10:14, 12:20].astype(int) - rgb[10:14, 12:20]).mean() > 20  # the class is painted
+    darkened = visualize(bgr, {"sem_seg": logits}, plain)  # without background_label it is painted black
+    assert np.abs(darkened[outside].astype(int) - rgb[outside]).mean() > 20
