@@ -26,20 +26,20 @@ Measured (2026-11-29, tiny pre-training checkpoint loaded strictly, one process 
 ``OMP_NUM_THREADS=1`` beside another such run; mIoU on the 50 validation images; "bg only" =
 background IoU ~89, every shape 0):
 
-================================================================  ===========  ======================
-settings                                                         iterations   mIoU at 200 / 400 / 600
-================================================================  ===========  ======================
-earlier file: 0.5-2.0x resize, 128 crops, lr 1e-3, test 256 px    300 @ 8      12.6 (bg only) at 300
-resize 0.75-1.25x, 128 crops, lr 1e-3, no PhotoMetricDistortion   300 @ 8      12.6 at 300
-the 256-px image, no resize or crop, lr 3e-3, layer decay 0.6     300 @ 4      12.6 at 300
-short edge 144-176, test 160, lr 2e-3, unweighted               600 @ 8      14.0 / 16.2 / 16.6
-  same, from a 1000-iteration pre-training                        400 @ 8      15.0 / 15.8
-  same, no layer decay (rate 1.0)                                 400 @ 8      12.6 / 14.7
-unweighted, 1200 iterations (mIoU at 300 / 600 / 900 / 1200)      1200 @ 8     14.7 / 18.4 / 21.4 / 22.2
-unweighted, head lr x5                                            300 @ 8      12.6 (bg only) at 300
-median-frequency class weights (bg 0.02, shapes 0.7-1.5)          300 @ 8      17.6 at 300
-**this file**: ENet class weights 1 / ln(1.02 + share) (*)        300 @ 8      16.7 at 150, 19.0 at 300
-================================================================  ===========  ======================
+==================================================================  ===========  =======================================
+settings                                                            iterations   mIoU at 200 / 400 / 600
+==================================================================  ===========  =======================================
+earlier file: 0.5-2.0x resize, 128 crops, lr 1e-3, test 256 px      300 @ 8      12.6 (bg only) at 300
+resize 0.75-1.25x, 128 crops, lr 1e-3, no PhotoMetricDistortion     300 @ 8      12.6 at 300
+the 256-px image, no resize or crop, lr 3e-3, layer decay 0.6       300 @ 4      12.6 at 300
+short edge 144-176, test 160, lr 2e-3, unweighted                   600 @ 8      14.0 / 16.2 / 16.6
+  same, from a 1000-iteration pre-training                          400 @ 8      15.0 / 15.8
+  same, no layer decay (rate 1.0)                                   400 @ 8      12.6 / 14.7
+  same, 1200 iterations                                             1200 @ 8     14.7/18.4/21.4/22.2 at 300/600/900/1200
+  same, the head's lr x5                                            300 @ 8      12.6 (bg only) at 300
+median-frequency class weights (bg 0.02, shapes 0.7-1.5)            300 @ 8      17.6 at 300
+**this file**: ENet class weights 1 / ln(1.02 + share) (*)          300 @ 8      16.7 at 150, 19.0 at 300
+==================================================================  ===========  =======================================
 
 (*) run with hand-rounded weights, each within 1.2% of the ones below. All rows one run, seed 0.
 """

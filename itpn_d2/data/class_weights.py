@@ -41,6 +41,9 @@ def label_frequencies(dataset_name: str, num_classes: Optional[int] = None) -> n
     counts = np.zeros(256, dtype=np.int64)
     for d in DatasetCatalog.get(dataset_name):
         label = np.asarray(Image.open(d["sem_seg_file_name"]))
+        if label.ndim != 2 or label.dtype != np.uint8:
+            raise ValueError(f"{d['sem_seg_file_name']}: a label map must be one 8-bit channel of class ids, "
+                             f"got shape {label.shape} dtype {label.dtype}")
         c = np.bincount(label.ravel(), minlength=256)
         bad = [int(v) for v in np.nonzero(c)[0] if v >= num_classes and v != ignore]
         if bad:

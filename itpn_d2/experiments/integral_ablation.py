@@ -18,6 +18,7 @@ A run whose ``model_final.pth`` exists is finished and only read back (:func:`pr
 :func:`finetune`); any other is started with ``--resume``, so an interrupted one continues.
 Each run is a ``tools/lazyconfig_train_net.py`` subprocess (:func:`run`).
 """
+import difflib
 import json
 import math
 import os
@@ -215,14 +216,52 @@ def mim_curve(out: str) -> List[List[float]]:
     return curve
 
 
-def _check_reused_run(out: str, ckpt: Optional[str]) -> None:
+def _without_train(yaml_text: str) -> List[str]:
+    """The lines of a saved config without its top-level ``train:`` block (what differs by design
+    between the runs of one task: output folder, seed, checkpoint, schedule overrides)."""
+    lines, in_train = [], False
+    for line in yaml_text.splitlines():
+        if line[:1].strip():  # a top-level key
+            in_train = line.startswith("train:")
+        if not in_train:
+            lines.append(line)
+    return lines
+
+
+def saved_recipe(config: str, overrides: Sequence[str] = ()) -> List[str]:
+    """``config`` with ``overrides`` as the training script saves it into a run's ``config.yaml``
+    (detectron2's ``LazyConfig.save``), without the ``train:`` block: model, data, optimizer and
+    schedule."""
+    import tempfile
+
+    from detectron2.config import LazyConfig
+
+    path = config if os.path.isabs(config) else os.path.join(REPO_ROOT, config)
+    with tempfile.TemporaryDirectory() as d:
+        dst = os.path.join(d, "config.yaml")
+        LazyConfig.save(LazyConfig.apply_overrides(LazyConfig.load(path), list(overrides)), dst)
+        with open(dst) as f:
+            return _without_train(f.read())
+
+
+def _check_reused_run(out: str, ckpt: Optional[str], recipe: Optional[List[str]] = None) -> None:
     """Refuse to reuse (or resume) a fine-tuning folder that was started from another checkpoint
-    than the one asked for (e.g. made when every seed shared one pre-training): raise
-    ``RuntimeError`` naming both. The folder's ``config.yaml`` (written by the training script)
-    records what it loaded."""
+    than the one asked for (e.g. made when every seed shared one pre-training), or, given
+    ``recipe`` (:func:`saved_recipe` of the task's config), with another recipe (the config was
+    changed since): raise ``RuntimeError`` naming both. The folder's ``config.yaml`` (written by
+    the training script) records what it ran."""
     path = os.path.join(out, "config.yaml")
     if not os.path.exists(path):
         return
+    if recipe is not None:
+        with open(path) as f:
+            had_recipe = _without_train(f.read())
+        if had_recipe != recipe:
+            diff = [d for d in difflib.unified_diff(had_recipe, recipe, "the run", "the config", n=0, lineterm="")
+                    if d[:1] in "+-" and d[:3] not in ("---", "+++")][:6]
+            raise RuntimeError(f"{out} was fine-tuned with another recipe than the task's config now gives "
+                               "(the config changed since?); first differences:\n" + "\n".join(diff)
+                               + "\nmove the folder away or use another --output-dir")
     had, in_train = "", False
     with open(path) as f:  # not yaml.safe_load: the saved config has python tags (ShapeSpec, ...)
         for line in f:
@@ -239,11 +278,12 @@ def _check_reused_run(out: str, ckpt: Optional[str]) -> None:
 
 
 def finetune(task: Task, variant: str, ckpt: Optional[str], load_mode: str, seed: int, iters: int, evals: int,
-             out: str, budget: str = "iters") -> dict:
+             out: str, budget: str = "iters", recipe: Optional[List[str]] = None) -> dict:
     """Run (or reuse, or resume) one fine-tuning; returns its record:
     {"task", "variant", "budget", "seed", "loss": [(iter, total_loss)],
-     "evals": [(iters trained, {metric: value})], "final": {metric: value}}."""
-    _check_reused_run(out, ckpt)
+     "evals": [(iters trained, {metric: value})], "final": {metric: value}}.
+    ``recipe``: :func:`saved_recipe` of the task's config, to refuse a folder run with another."""
+    _check_reused_run(out, ckpt, recipe)
     if not os.path.exists(os.path.join(out, "model_final.pth")):
         os.makedirs(out, exist_ok=True)
         cmd = [sys.executable, "tools/lazyconfig_train_net.py", "--config-file", task.config, "--resume",
@@ -343,8 +383,9 @@ def run_ablation(options: AblationOptions) -> List[dict]:
     # (it may span sessions) leaves complete paired seeds for every claim and task.
     jobs = list(dict.fromkeys(ft_job(t, v, b, i, s) for b in options.budgets for i, s in enumerate(options.seeds)
                               for t in tasks.values() for v in options.variants))
-    # Each task's schedule, read once (loading a LazyConfig takes about a second).
+    # Each task's schedule and recipe, read once (loading a LazyConfig takes about a second).
     ft_iters = {t.name: options.finetune_iters or t.max_iter() for t in tasks.values()}
+    recipes = {t.name: saved_recipe(t.config, t.extra) for t in tasks.values()}
 
     def one(job):
         task, v, b, seed, ckpt, load_mode, d = job
@@ -355,7 +396,8 @@ def run_ablation(options: AblationOptions) -> List[dict]:
             if not options.report_only and not os.path.exists(os.path.join(d, "model_final.pth")):
                 ensure_pretrained(*pre)
         print(f"[ablation] {task.name}: fine-tuning {v} (pre-training budget {b}), seed {seed}", flush=True)
-        return finetune(task, v, ckpt, load_mode, seed, ft_iters[task.name], options.evals, d, budget=b)
+        return finetune(task, v, ckpt, load_mode, seed, ft_iters[task.name], options.evals, d, budget=b,
+                        recipe=recipes[task.name])
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:

@@ -522,8 +522,11 @@ class MaskedPretrainer(nn.Module):
             }
             result["pred_pixels_levels"] = levels
             result["pred_pixels"] = levels[PYRAMID_LEVELS[0].name]  # the finest level
+            # pixels per side of the tokens pred_pixels was de-normalised by (true mean / std each)
+            result["pred_token_size"] = u // PYRAMID_LEVELS[0].tokens_per_unit_side
         else:
             result["pred_pixels"] = self.prediction_to_image(out["mim"].float(), images, 1)
+            result["pred_token_size"] = u
         return result
 
     def prediction_to_image(self, pred: torch.Tensor, images: torch.Tensor, k: int) -> torch.Tensor:

@@ -178,7 +178,7 @@ class UPerHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         """yacs: MODEL.SEM_SEG_HEAD.{IN_FEATURES, NUM_CLASSES, CONVS_DIM, NORM, IGNORE_VALUE, LOSS_WEIGHT}
-        and, if present, MODEL.SEM_SEG_HEAD.{AUX_IN_FEATURE, AUX_LOSS_WEIGHT, POOL_SCALES}."""
+        and, if present, MODEL.SEM_SEG_HEAD.{AUX_IN_FEATURE, AUX_LOSS_WEIGHT, POOL_SCALES, CLASS_WEIGHT}."""
         head = cfg.MODEL.SEM_SEG_HEAD
         return {
             "input_shape": input_shape,
@@ -191,6 +191,7 @@ class UPerHead(nn.Module):
             "pool_scales": tuple(head.get("POOL_SCALES", (1, 2, 3, 6))),
             "aux_in_feature": head.get("AUX_IN_FEATURE", None),
             "aux_loss_weight": head.get("AUX_LOSS_WEIGHT", 0.4),
+            "class_weight": head.get("CLASS_WEIGHT", None),
         }
 
     @staticmethod
@@ -237,10 +238,11 @@ class UPerHead(nn.Module):
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # Upsampled in fp32: bilinear interpolation in half precision is lossy (pytorch#48163).
         logits = _resize(logits.float(), targets.shape[-2:])
-        loss = F.cross_entropy(logits, targets, weight=self.class_weight, reduction="sum", ignore_index=self.ignore_value)
+        weight = None if self.class_weight is None else self.class_weight.float()  # fp32 like the logits, even in a bf16 model
+        loss = F.cross_entropy(logits, targets, weight=weight, reduction="sum", ignore_index=self.ignore_value)
         # Mean over labelled pixels (weighted: over their weights, as reduction="mean" does); a crop
         # that is all void gives 0, not the NaN of reduction="mean".
         valid = targets != self.ignore_value
         if self.class_weight is None:
             return loss / valid.sum().clamp(min=1)
-        return loss / self.class_weight[targets[valid]].sum().clamp(min=1e-6)
+        return loss / weight[targets[valid]].sum().clamp(min=1e-6)

@@ -8,7 +8,8 @@ For each input image, ``OUTPUT/<name>.png``: four titled panels, original | mask
 with a warning; a run with none readable is an error.
 
 Beside the figures, ``OUTPUT/reconstruction_errors.json``: per image and on average, the
-masked units' error against the line "each masked unit in its true mean colour"
+masked units' error against the line "each masked token in its true mean colour", the tokens
+being those the prediction was de-normalised by
 (:func:`itpn_d2.utils.visualize_mim.masked_unit_errors`); a ``ratio`` below 1 means the
 model draws structure inside the masked units, not just their colours.
 """
@@ -80,8 +81,8 @@ def write_reconstruction_figures(
 ) -> List[str]:
     """One titled figure per readable file of ``files`` into ``output_dir`` (created), named
     by :func:`figure_name` relative to ``input_root``, and ``reconstruction_errors.json``
-    (module docstring) when the model reconstructs pixels. Returns the figure paths; raises
-    ``RuntimeError`` when no file is readable."""
+    (module docstring; an image whose meter cannot be computed, e.g. nothing masked, gets
+    ``null``). Returns the figure paths; raises ``RuntimeError`` when no file is readable."""
     os.makedirs(output_dir, exist_ok=True)
     written, errors = [], {}
     for f in files:
@@ -97,17 +98,27 @@ def write_reconstruction_figures(
         Image.fromarray(add_panel_titles(panel)).save(dst)
         written.append(dst)
         unit = out["image"].shape[-2] // out["mask"].shape[-2]
-        err = masked_unit_errors(out["image"][0], out["mask"][0], out["pred_pixels"][0], unit=unit)
-        errors[os.path.basename(dst)] = err
-        logger.info(f"{f} -> {dst} (masked units: error {err['mse']:.0f}, their true colours "
-                    f"{err['flat_mse']:.0f}, ratio {err['ratio']:.2f})")
+        try:
+            err = masked_unit_errors(out["image"][0], out["mask"][0], out["pred_pixels"][0], unit=unit,
+                                     token=out.get("pred_token_size"))
+        except ValueError as e:  # e.g. nothing masked (mask_ratio 0): a figure without a meter
+            logger.warning(f"{f}: no reconstruction error ({e})")
+            err = None
+        errors[os.path.relpath(dst, output_dir)] = err
+        if err is not None and err["ratio"] is not None:
+            logger.info(f"{f} -> {dst} (masked units: error {err['mse']:.0f}, their true colours "
+                        f"{err['flat_mse']:.0f}, ratio {err['ratio']:.2f})")
+        else:
+            logger.info(f"{f} -> {dst}")
     if not written:
         raise RuntimeError(f"no readable image in '{input_root}' (extensions {list(IMAGE_EXTENSIONS)})")
-    mean_ratio = sum(e["ratio"] for e in errors.values()) / len(errors)
+    ratios = [e["ratio"] for e in errors.values() if e is not None and e["ratio"] is not None]
+    mean_ratio = sum(ratios) / len(ratios) if ratios else None
     with open(os.path.join(output_dir, "reconstruction_errors.json"), "w") as fp:
         json.dump({"mean_ratio": mean_ratio, "images": errors}, fp, indent=1)
-    logger.info(f"Masked units' error / their true colours' error, mean over images: {mean_ratio:.2f} "
-                f"(< 1: structure inside the units is reconstructed)")
+    if mean_ratio is not None:
+        logger.info(f"Masked units' error / their true colours' error, mean over {len(ratios)} images: "
+                    f"{mean_ratio:.2f} (< 1: structure inside the units is reconstructed)")
     logger.info(f"Wrote {len(written)} reconstruction figure(s) to {output_dir}")
     return written
 

@@ -133,37 +133,52 @@ def panels_from_model_output(
     ]
 
 
-def masked_unit_errors(image: ArrayLike, mask: ArrayLike, reconstruction: ArrayLike, *, unit: int = 16) -> Dict[str, float]:
+def masked_unit_errors(
+    image: ArrayLike, mask: ArrayLike, reconstruction: ArrayLike, *, unit: int = 16, token: Optional[int] = None
+) -> Dict[str, Optional[float]]:
     """
-    How much of the masked units' content a reconstruction recovers beyond their colour.
+    How much of the masked units' content a reconstruction recovers beyond what its
+    de-normalisation already leaks.
 
-    With norm-pix targets the figures de-normalise each predicted unit with the true unit's
-    mean and std (as MAE's figures do), so a model that has learnt nothing but colours
-    already paints every masked unit in about its own colour. The fair line is therefore
-    "each masked unit filled with its true per-channel mean colour": a reconstruction below
-    it has drawn structure (edges, shapes) inside the units; one at or above it has not.
+    With norm-pix targets the figures de-normalise each predicted token with the true token's
+    mean and std (as MAE's figures do), so even a prediction of zeros comes back at about the
+    right brightness, token by token. The fair line is therefore "each masked token filled with
+    its true mean colour" (per channel: stricter than the one grey mean the de-normalisation
+    uses): a reconstruction below it has drawn structure (edges, shapes) inside the tokens; one
+    at or above it has not.
 
     Args:
-        image, reconstruction: (3, H, W) (or (H, W, 3)) 0-255.
+        image, reconstruction: (3, H, W) (or (H, W, 3)) 0-255, H and W multiples of ``unit``.
         mask: (N,) or (H/unit, W/unit) bool, True = masked unit.
+        unit: mask-unit size in pixels.
+        token: size of the tokens the prediction was de-normalised by (the model's
+            ``pred_token_size``: the unit for MAE-style prediction, 4 px for the p2 level of
+            per-level prediction); default ``unit``.
     Returns:
         ``mse`` (reconstruction vs image over masked pixels, 0-255 scale), ``flat_mse`` (each
-        masked unit's true mean colour vs image), ``ratio`` = mse / flat_mse (< 1: structure
-        inside the units is reconstructed), ``masked_units``.
+        masked token's true mean colour vs image), ``ratio`` = mse / flat_mse (< 1: structure
+        inside the tokens is reconstructed; None when the masked tokens are flat, flat_mse 0),
+        ``masked_units``.
     """
     orig = _to_uint8_hwc(image).astype(np.float64)
     recon = _to_uint8_hwc(reconstruction).astype(np.float64)
     H, W = orig.shape[:2]
+    token = unit if token is None else token
+    if recon.shape != orig.shape:
+        raise ValueError(f"reconstruction shape {recon.shape} != image shape {orig.shape}")
+    if H % unit or W % unit or unit % token:
+        raise ValueError(f"image size {H}x{W}, unit {unit} px and token {token} px do not tile")
     h, w = H // unit, W // unit
     m = _to_numpy(mask).astype(bool).reshape(h, w)
     if not m.any():
         raise ValueError("mask has no masked unit")
-    units = orig.reshape(h, unit, w, unit, 3)
-    flat = np.broadcast_to(units.mean(axis=(1, 3), keepdims=True), units.shape).reshape(H, W, 3)
+    tokens = orig.reshape(H // token, token, W // token, token, 3)
+    flat = np.broadcast_to(tokens.mean(axis=(1, 3), keepdims=True), tokens.shape).reshape(H, W, 3)
     pix = unit_mask_to_pixels(m, (h, w), unit)
     mse = float(((recon - orig) ** 2)[pix].mean())
     flat_mse = float(((flat - orig) ** 2)[pix].mean())
-    return {"mse": mse, "flat_mse": flat_mse, "ratio": mse / max(flat_mse, 1e-12), "masked_units": int(m.sum())}
+    return {"mse": mse, "flat_mse": flat_mse, "ratio": mse / flat_mse if flat_mse > 0 else None,
+            "masked_units": int(m.sum())}
 
 
 def load_eval_image(file_name: str, size: int) -> torch.Tensor:

@@ -43,6 +43,9 @@ def test_label_frequencies_of_a_registered_dataset(tmp_path):
     cv2.imwrite(bad, np.full((64, 64), 9, np.uint8))
     with pytest.raises(ValueError, match=r"000003\.png.*\[9\]"):
         label_frequencies(names["sem_seg_train"])
+    cv2.imwrite(bad, np.zeros((64, 64, 3), np.uint8))  # a colour image is not a label map
+    with pytest.raises(ValueError, match=r"000003\.png.*one 8-bit channel"):
+        label_frequencies(names["sem_seg_train"])
 
 
 def test_demo_segmentation_weights_are_those_of_the_generated_training_split():

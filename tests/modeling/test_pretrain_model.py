@@ -448,6 +448,8 @@ def test_eval_returns_reconstruction_for_the_visualiser():
     out = model(batch(raw))
     assert out["pred_pixels"].shape == (2, 3, IMG, IMG)
     assert set(out["pred_pixels_levels"]) == {"p2", "p3", "p4"}
+    assert out["pred_token_size"] == IMG // 4 // 4  # p2's tokens: a quarter of a unit per side
+    assert tiny_pretrainer(mim="fused", mfm=False).eval()(batch(raw))["pred_token_size"] == IMG // 4
     assert out["mask"].shape == (2, 4, 4) and out["mask"].dtype == torch.bool
     assert int(out["mask"][0].sum()) == 12
     assert torch.allclose(out["image"], raw, atol=1e-3) and torch.allclose(out["target"], raw, atol=1e-3)

@@ -140,6 +140,11 @@ def test_class_weights_give_the_weighted_mean_cross_entropy():
     got = head(feats, targets)[1]["loss_sem_seg"]
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert got.item() != pytest.approx(plain(feats, targets)[1]["loss_sem_seg"].item(), rel=1e-3)
+    void = torch.full_like(targets, 255)  # an all-void crop: 0, not NaN, weighted too
+    assert head(feats, void)[1]["loss_sem_seg"].item() == 0.0
+    head.to(torch.bfloat16)  # a model cast whole to bf16: the weights follow, the loss stays fp32
+    bf16_loss = head({"p2": feats["p2"].bfloat16()}, targets)[1]["loss_sem_seg"]
+    assert bf16_loss.dtype == torch.float32 and bf16_loss.item() == pytest.approx(want.item(), rel=0.05)
     with pytest.raises(ValueError, match="class_weight has 2 values"):
         UPerHead(input_shape=shapes, num_classes=3, class_weight=[1.0, 2.0])
 

@@ -233,6 +233,31 @@ def test_a_run_from_another_checkpoint_is_refused_not_reused(ablate, tmp_path, m
         ablate.finetune(tasks["det"], "scratch", None, "strict", 1, 300, 3, str(out))
 
 
+def test_a_run_with_another_recipe_is_refused_not_reused(ablate, tmp_path, monkeypatch):
+    """A folder whose saved config differs outside ``train:`` from what the task's config gives now
+    (the config was edited after the run) is refused, with the differing lines; one that matches is reused."""
+    monkeypatch.setattr(ablate, "run", lambda cmd, log: pytest.fail("a finished run was rerun"))
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("model = dict(head=dict(channels=64))\ntrain = dict(seed=0, init_checkpoint='')\n")
+    task = ablate.Task("seg", str(cfg), {"mIoU": "sem_seg/mIoU"})
+    recipe = ablate.saved_recipe(str(cfg), task.extra)
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "model_final.pth").write_bytes(b"")
+    (out / "metrics.json").write_text(json.dumps({"iteration": 299, "sem_seg/mIoU": 20.0}) + "\n")
+    from detectron2.config import LazyConfig
+
+    run_cfg = LazyConfig.load(str(cfg))
+    run_cfg.train.seed = 3  # train: differs by design between runs
+    LazyConfig.save(run_cfg, str(out / "config.yaml"))
+    assert ablate.finetune(task, "scratch", None, "strict", 3, 300, 3, str(out), recipe=recipe)["final"] == {"mIoU": 20.0}
+    cfg.write_text("model = dict(head=dict(channels=64, class_weight=[1.0, 2.0]))\n"
+                   "train = dict(seed=0, init_checkpoint='')\n")
+    with pytest.raises(RuntimeError, match=r"another recipe(.|\n)*\+ *class_weight"):
+        ablate.finetune(task, "scratch", None, "strict", 3, 300, 3, str(out),
+                        recipe=ablate.saved_recipe(str(cfg), task.extra))
+
+
 def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     """The whole experiment (run_ablation, what the tool runs) on fake runs: the jobs it launches
     (configs, load modes, budgets, checkpoints), the files it writes; a second call launches nothing."""

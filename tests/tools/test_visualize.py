@@ -169,6 +169,20 @@ def test_masked_unit_errors_line_is_each_units_true_colour():
     assert masked_unit_errors(image, mask, wrecked, unit=16)["mse"] == 0
     with pytest.raises(ValueError, match="no masked unit"):
         masked_unit_errors(image, torch.zeros(2, 3, dtype=torch.bool), image, unit=16)
+    with pytest.raises(ValueError, match="do not tile"):
+        masked_unit_errors(image[:, :30], mask, image[:, :30], unit=16)
+    # per-level prediction is de-normalised by 4-px tokens: the line is then each 4-px token's colour,
+    # which 16-px flat blocks no longer reach
+    fine = masked_unit_errors(image, mask, flat, unit=16, token=4)
+    assert fine["flat_mse"] < exact_line(image, mask) and fine["ratio"] > 1.0
+    # masked units that are flat: no ratio (not a division by zero that swamps the mean)
+    plain = torch.full_like(image, 100.0)
+    assert masked_unit_errors(plain, mask, plain, unit=16)["ratio"] is None
+
+
+def exact_line(image, mask):
+    flat = image.reshape(3, 2, 16, 3, 16).mean(dim=(2, 4), keepdim=True).expand(3, 2, 16, 3, 16).reshape(3, 32, 48)
+    return masked_unit_errors(image, mask, flat, unit=16)["mse"]
 
 
 def test_tool_writes_pngs(tmp_path, tiny_model):
@@ -195,7 +209,7 @@ def test_tool_writes_pngs(tmp_path, tiny_model):
         errors = json.load(f)
     assert sorted(errors["images"]) == ["sub__img0.png", "sub__img1.png"]
     ratios = [e["ratio"] for e in errors["images"].values()]
-    assert all(r > 0 for r in ratios) and errors["mean_ratio"] == pytest.approx(sum(ratios) / 2)
+    assert all(0 < r < float("inf") for r in ratios) and errors["mean_ratio"] == pytest.approx(sum(ratios) / 2)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         tool.main(["--config-file", str(cfg), "--checkpoint", str(tmp_path / "missing.pth"),
                    "--input", str(inp / "img0.jpg"), "--output", str(out_dir)])
