@@ -92,13 +92,22 @@ def paired(a: Dict[int, float], b: Dict[int, float]) -> dict:
     return res
 
 
-def verdict(p: dict) -> str:
-    """What the 95% interval of :func:`paired`'s result ``p`` establishes about a - b."""
+MIN_PAIRS_TO_ESTABLISH = 5
+
+
+def verdict(p: dict, min_pairs: int = MIN_PAIRS_TO_ESTABLISH) -> str:
+    """What the 95% interval of :func:`paired`'s result ``p`` establishes about a - b.
+
+    An interval that excludes 0 from fewer than ``min_pairs`` seeds (default 5, the experiment's
+    planned minimum) is reported as "suggested", not "established": with 2-4 seeds the t-interval
+    rests on a standard deviation from 1-3 degrees of freedom, which two runs that happen to agree
+    make spuriously narrow."""
     if p["ci95"] is None:
         return "n/a (fewer than 2 pairs)"
     lo, hi = p["ci95"]
-    if lo > 0:
-        return "established: higher"
-    if hi < 0:
-        return "established: lower"
+    if lo > 0 or hi < 0:
+        side = "higher" if lo > 0 else "lower"
+        if p["n"] < min_pairs:
+            return f"suggested: {side} (n = {p['n']} < {min_pairs} seeds)"
+        return f"established: {side}"
     return "not established"

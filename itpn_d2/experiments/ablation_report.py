@@ -14,7 +14,7 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence
 
-from itpn_d2.evaluation.paired_stats import paired, verdict
+from itpn_d2.evaluation.paired_stats import MIN_PAIRS_TO_ESTABLISH, paired, verdict
 from itpn_d2.utils.flops import FLOP_CONVENTION
 
 from .ablation_variants import CLAIMS, Task, budget_of
@@ -124,7 +124,9 @@ def write_report(table, claim_rows, flops, mim, path) -> str:
                          + " | ".join(" / ".join(f"{a:.1f}" for a in t[m + '_curve']) for m in metrics) + " |")
         lines.append("")
     if claim_rows:
-        lines += ["Paired per-seed differences (a - b): mean, 95% t-interval, exact sign test", "",
+        lines += ["Paired per-seed differences (a - b): mean, 95% t-interval, exact sign test. A claim is "
+                  f"established when the interval excludes 0 with at least {MIN_PAIRS_TO_ESTABLISH} seeds; "
+                  "with fewer it is only suggested.", "",
                   "| task | budget | claim | metric | at | n | mean | 95% CI | + / - / = | sign p | verdict |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in claim_rows:

@@ -60,6 +60,10 @@ def test_paired_differences():
     assert p["ci95"][0] < 0 < p["ci95"][1] and stats.verdict(p) == "not established"
     assert p["sign"] == {"pos": 4, "neg": 0, "ties": 1, "p": pytest.approx(0.125)}
     assert stats.verdict(stats.paired({0: 1.0, 1: 0.0}, {0: 0.0, 1: 1.0})) == "not established"
+    # two seeds that agree give a narrow interval above 0: suggested, not established
+    two = stats.paired({0: 3.0, 1: 3.1}, {0: 0.0, 1: 0.0})
+    assert two["ci95"][0] > 0 and stats.verdict(two) == "suggested: higher (n = 2 < 5 seeds)"
+    assert stats.verdict(two, min_pairs=2) == "established: higher"
     assert stats.verdict(stats.paired({0: 1.0}, {0: 0.0})).startswith("n/a")
 
 
