@@ -253,9 +253,10 @@ def _check_reused_run(out: str, ckpt: Optional[str], recipe: Optional[List[str]]
     path = os.path.join(out, "config.yaml")
     if not os.path.exists(path):
         return
+    with open(path) as f:  # not yaml.safe_load: the saved config has python tags (ShapeSpec, ...)
+        saved = f.read()
     if recipe is not None:
-        with open(path) as f:
-            had_recipe = _without_train(f.read())
+        had_recipe = _without_train(saved)
         if had_recipe != recipe:
             diff = [d for d in difflib.unified_diff(had_recipe, recipe, "the run", "the config", n=0, lineterm="")
                     if d[:1] in "+-" and d[:3] not in ("---", "+++")][:6]
@@ -263,13 +264,12 @@ def _check_reused_run(out: str, ckpt: Optional[str], recipe: Optional[List[str]]
                                "(the config changed since?); first differences:\n" + "\n".join(diff)
                                + "\nmove the folder away or use another --output-dir")
     had, in_train = "", False
-    with open(path) as f:  # not yaml.safe_load: the saved config has python tags (ShapeSpec, ...)
-        for line in f:
-            if line[:1].strip():  # a top-level key
-                in_train = line.startswith("train:")
-            elif in_train and line.startswith("  init_checkpoint:"):
-                had = line.split(":", 1)[1].strip().strip("'\"")
-                break
+    for line in saved.splitlines():
+        if line[:1].strip():  # a top-level key
+            in_train = line.startswith("train:")
+        elif in_train and line.startswith("  init_checkpoint:"):
+            had = line.split(":", 1)[1].strip().strip("'\"")
+            break
     want = ckpt or ""
     same = os.path.abspath(had) == os.path.abspath(want) if had and want else had == want
     if not same:
