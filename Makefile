@@ -2,6 +2,8 @@
 #   make demo   set up .venv and run the main job on built-in generated data
 #   make test   set up .venv and run the tests
 #   make gpu-check   the GPU acceptance run (tools/gpu_check.py)
+#   make gpu-bundle / gpu-check-offline   the same on a GPU machine without internet whose python3
+#                    has torch: wheels built here into .whl/, installed there into $(GPU_SITE)
 # VENV_FLAGS=--system-site-packages reuses a detectron2 you built yourself.
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,8 +12,10 @@ PY := $(VENV)/bin/python
 # torch/torchvision wheels for Linux x86_64 on the registry are the CUDA builds; they run on CPU.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+GPU_SITE ?= /tmp/site
+BUNDLE_FLAGS ?=
 
-.PHONY: install test demo gpu-check clean
+.PHONY: install test demo gpu-check gpu-bundle gpu-check-offline clean
 
 $(VENV)/.installed: setup.py tools/install_detectron2.py Makefile
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -31,6 +35,15 @@ demo: install
 # GPU acceptance: every stage's figures in output/gpu_check/gpu_check.json (tiny CPU mode without CUDA)
 gpu-check: install
 	$(PY) tools/gpu_check.py
+
+# here, with internet (BUNDLE_FLAGS=--bench adds mmpretrain, the benchmark's reference)
+gpu-bundle: install
+	$(PY) tools/gpu_bundle.py build $(BUNDLE_FLAGS)
+
+# there, offline, with the machine's own python3 (torch, torchvision): no .venv
+gpu-check-offline:
+	$(PYTHON) tools/gpu_bundle.py install --target $(GPU_SITE)
+	PYTHONPATH=$(GPU_SITE) $(PYTHON) tools/gpu_check.py
 
 clean:
 	rm -rf $(VENV) output

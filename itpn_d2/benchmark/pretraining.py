@@ -78,15 +78,23 @@ def bench_pretrain(args, device, warmup, reps):
                     ref, images, device, dtype, ref_opt if args.optimizer == "recipe" else None)
                 steps["reference"]()  # fail here, not inside the timing loop
             except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                print(f"[pretrain] reference {dname}: UNAVAILABLE: its train step failed ({type(e).__name__}: {e})")
-                steps.pop("reference")
-        flops = {}
-        for name, step in steps.items():
-            flops[name] = model_flops(step.fwd_bwd, step.model)
-        times = time_interleaved(steps, warmup=warmup, reps=reps, device=device)
+                _drop_reference(steps, dname, "its train step failed", e)
+        flops = {"ours": model_flops(steps["ours"].fwd_bwd, steps["ours"].model)}
+        if "reference" in steps:  # the reference has never run on every machine: its failure drops it alone
+            try:
+                flops["reference"] = model_flops(steps["reference"].fwd_bwd, steps["reference"].model)
+            except Exception as e:  # noqa: BLE001
+                _drop_reference(steps, dname, "its FLOP count failed", e)
+        try:
+            times = time_interleaved(steps, warmup=warmup, reps=reps, device=device)
+        except Exception as e:  # noqa: BLE001
+            if "reference" not in steps:
+                raise
+            _drop_reference(steps, dname, "its timed steps failed", e)
+            times = time_interleaved(steps, warmup=warmup, reps=reps, device=device)
         for name, step in steps.items():
             s = summarize(times[name])
+            results[(name, dname)] = s["median"]
             ips = args.batch / s["median"]
             rate = flops[name] / s["median"] / 1e9
             print(f"[pretrain] {name} {dname}: {ips:.2f} img/s; step {format_summary(s)}")
@@ -100,12 +108,17 @@ def bench_pretrain(args, device, warmup, reps):
                 other_bytes = 0
                 if on_gpu and others:  # the other side's weights, gradients and optimizer state are not ours
                     other_bytes = live_tensor_bytes(*[models[n] for n in others], *[steps[n].opt for n in others])
-                mem = peak_memory(step, device)
+                try:
+                    mem = peak_memory(step, device)
+                except Exception as e:  # noqa: BLE001 - the reference's memory only: ours must not fail
+                    if name == "ours":
+                        raise
+                    print(f"[pretrain] {name} {dname}: peak memory not measured ({type(e).__name__}: {e})")
+                    continue
                 if other_bytes and mem["bytes"] is not None:
                     mem = {"bytes": mem["bytes"] - other_bytes,
                            "how": f"{mem['how']} minus the other side's {other_bytes / 2**20:.0f} MiB of live tensors"}
                 print(f"[pretrain] {name} {dname}: peak memory {fmt_mem(mem)}")
-            results[(name, dname)] = s["median"]
         if "reference" in steps:
             r = results[("reference", dname)] / results[("ours", dname)]
             print(f"[pretrain] ratio ours/reference {dname} (throughput): {r:.2f}x")
@@ -115,6 +128,15 @@ def bench_pretrain(args, device, warmup, reps):
     if args.profile:
         profile_pretrain(ours, forward, images, device, dtypes, args.profile, ours_opt)
     return results
+
+
+def _drop_reference(steps, dname, what, error):
+    """Print why the reference side is dropped (the line ``tools/gpu_check.py`` parses) and drop it."""
+    traceback.print_exc()
+    print(f"[pretrain] reference {dname}: UNAVAILABLE: {what} ({type(error).__name__}: {error})")
+    steps.pop("reference", None)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def profile_pretrain(model, forward, images, device, dtypes, out_dir, optimizer=None):

@@ -30,3 +30,34 @@ def test_finetune_part_times_both_demo_configs_and_profiles(tmp_path):
     for stem in ("mask_rcnn_itpn_tiny_demo", "uper_itpn_tiny_demo"):
         table = (prof / f"finetune_{stem}.txt").read_text()
         assert "Self CPU" in table and "aten::" in table
+
+
+def test_pretrain_bench_keeps_ours_when_the_reference_fails_in_its_timed_steps(monkeypatch, capsys):
+    """The reference has never run on a GPU: if it breaks after its check step (in the FLOP count
+    or the timed steps), the stage still reports our figures and says why the reference is gone."""
+    import torch
+
+    from itpn_d2.benchmark import pretraining
+    from itpn_d2.benchmark.options import BenchmarkOptions
+    from itpn_d2.benchmark.train_step import TrainStep, make_optimizer
+
+    class BreaksAfterTwoSteps(TrainStep):  # stands in for mmpretrain's step
+        def __init__(self, model, images, device, dtype, optimizer=None):
+            self.model, self.opt, self.calls = model, make_optimizer(model), 0
+
+        def loss(self):
+            self.calls += 1  # 1: the check step, 2: the FLOP count, 3: the first timed step
+            if self.calls > 2:
+                raise RuntimeError("no kernel for this case")
+            return self.model(torch.ones(1, 2)).sum()
+
+    ref = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(pretraining, "build_reference", lambda device: (ref, "stand-in", None))
+    monkeypatch.setattr(pretraining, "ReferenceStep", BreaksAfterTwoSteps)
+    args = BenchmarkOptions(arch="tiny", batch=2, img=64, dtypes="fp32", reference="on", optimizer="plain",
+                            quick=True, no_memory=True)
+    results = pretraining.bench_pretrain(args, "cpu", warmup=0, reps=2)
+    out = capsys.readouterr().out
+    assert "[pretrain] reference fp32: UNAVAILABLE: its timed steps failed (RuntimeError: no kernel" in out, out
+    assert set(results) == {("ours", "fp32")}
+    assert re.search(r"^\[pretrain\] ours fp32: [\d.]+ img/s", out, re.M), out
