@@ -135,3 +135,37 @@ def test_detr_style_augmentation_sizes():
     assert shorts <= set(range(480, 801, 32)), shorts  # crops are <= 600 px, so 1333 never binds here
     assert len(shorts) > 3  # several scales are drawn
     assert cfg.dataloader.train.mapper.image_format == "RGB"
+
+
+@pytest.mark.parametrize("name", ["mask_rcnn_itpn_base_1x", "cascade_mask_rcnn_itpn_base_3x"])
+def test_full_size_heads_take_a_training_step(name):
+    # The release's heads (GIoU x10 on decoded boxes, 4-conv heads, cascade stages) have never had a
+    # training step anywhere else on CPU: the GPU check's first det step must not be their first.
+    from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    torch.manual_seed(0)
+    cfg = _load(name)
+    cfg.model.backbone.net.update(hivit_arch("tiny"))
+    cfg.model.backbone.net.use_act_checkpoint = False
+    cfg.model.proposal_generator.pre_nms_topk = (200, 100)
+    cfg.model.proposal_generator.post_nms_topk = (100, 20)
+    model = instantiate(cfg.model)
+    model.train()
+    h, w = 96, 128
+    inst = Instances((h, w))
+    inst.gt_boxes = Boxes(torch.tensor([[20.0, 16.0, 84.0, 72.0]]))
+    inst.gt_classes = torch.tensor([3])
+    masks = torch.zeros(1, h, w, dtype=torch.bool)
+    masks[0, 24:64, 28:76] = True
+    inst.gt_masks = BitMasks(masks)
+    image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8).float()
+    with EventStorage(0):  # the ROI heads log their sampling statistics there
+        losses = model([{"image": image, "height": h, "width": w, "instances": inst}])
+    assert any("loss_box_reg" in k for k in losses) and any("loss_mask" in k for k in losses), sorted(losses)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    for key in ("backbone.net.blocks.9.attn.qkv.weight", "backbone.net.patch_embed.proj.weight",
+                "backbone.pyramid.fpn_modules.0.mlp.fc1.weight"):
+        grad = dict(model.named_parameters())[key].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, key
