@@ -43,7 +43,7 @@ gpu-bundle: install
 # there, offline, with the machine's own python3 (torch, torchvision): no .venv
 gpu-check-offline:
 	$(PYTHON) tools/gpu_bundle.py install --target $(GPU_SITE)
-	PYTHONPATH=$(GPU_SITE) $(PYTHON) tools/gpu_check.py
+	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) tools/gpu_check.py
 
 clean:
 	rm -rf $(VENV) output

@@ -57,6 +57,7 @@ def bench_pretrain(args, device, warmup, reps):
     images = synthetic_images(args.batch, args.img)
     on_gpu = torch.device(device).type == "cuda"
     models = {"ours": ours, "reference": ref}
+    opts = {"ours": ours_opt, "reference": ref_opt}
     results = {}
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -76,6 +77,7 @@ def bench_pretrain(args, device, warmup, reps):
             try:
                 steps["reference"] = ReferenceStep(
                     ref, images, device, dtype, ref_opt if args.optimizer == "recipe" else None)
+                opts["reference"] = steps["reference"].opt
                 steps["reference"]()  # fail here, not inside the timing loop
             except Exception as e:  # noqa: BLE001
                 _drop_reference(steps, dname, "its train step failed", e)
@@ -86,11 +88,10 @@ def bench_pretrain(args, device, warmup, reps):
             except Exception as e:  # noqa: BLE001
                 _drop_reference(steps, dname, "its FLOP count failed", e)
         try:
-            times = time_interleaved(steps, warmup=warmup, reps=reps, device=device)
-        except Exception as e:  # noqa: BLE001
-            if "reference" not in steps:
-                raise
-            _drop_reference(steps, dname, "its timed steps failed", e)
+            times = time_interleaved({k: _ReferenceFailed.tag(v) if k == "reference" else v for k, v in steps.items()},
+                                     warmup=warmup, reps=reps, device=device)
+        except _ReferenceFailed as e:  # ours' own failures propagate: they are ours
+            _drop_reference(steps, dname, "its timed steps failed", e.__cause__)
             times = time_interleaved(steps, warmup=warmup, reps=reps, device=device)
         for name, step in steps.items():
             s = summarize(times[name])
@@ -104,10 +105,14 @@ def bench_pretrain(args, device, warmup, reps):
                 print(f"[pretrain] {name} {dname}: MFU {100 * rate / (card * 1e3):.1f}% of the datasheet peak "
                       "(model FLOPs of the step from torch.utils.flop_counter / step time)")
             if not args.no_memory:
-                others = [n for n in steps if n != name]
+                # the other side's weights, gradients and optimizer state are not ours (a dropped
+                # reference keeps its weights on the device: another dtype may still run it)
+                others = [n for n in models if n != name and models[n] is not None]
                 other_bytes = 0
-                if on_gpu and others:  # the other side's weights, gradients and optimizer state are not ours
-                    other_bytes = live_tensor_bytes(*[models[n] for n in others], *[steps[n].opt for n in others])
+                if on_gpu and others:
+                    other_opts = [steps[n].opt if n in steps else opts.get(n) for n in others]
+                    other_bytes = live_tensor_bytes(*[models[n] for n in others],
+                                                    *[o for o in other_opts if o is not None])
                 try:
                     mem = peak_memory(step, device)
                 except Exception as e:  # noqa: BLE001 - the reference's memory only: ours must not fail
@@ -130,11 +135,29 @@ def bench_pretrain(args, device, warmup, reps):
     return results
 
 
+class _ReferenceFailed(RuntimeError):
+    """Raised from the reference's step (the original error is its ``__cause__``), so a failure in
+    the timed loop is pinned on the side that raised it."""
+
+    @classmethod
+    def tag(cls, step):
+        def call():
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001
+                raise cls(str(e)) from e
+        return call
+
+
 def _drop_reference(steps, dname, what, error):
-    """Print why the reference side is dropped (the line ``tools/gpu_check.py`` parses) and drop it."""
-    traceback.print_exc()
+    """Print why the reference side is dropped (the line ``tools/gpu_check.py`` parses), drop it and
+    free its gradients and optimizer state, which would otherwise count in our peak memory."""
+    traceback.print_exception(error)
     print(f"[pretrain] reference {dname}: UNAVAILABLE: {what} ({type(error).__name__}: {error})")
-    steps.pop("reference", None)
+    step = steps.pop("reference", None)
+    if step is not None:
+        step.opt.zero_grad(set_to_none=True)
+        step.opt.state.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -32,32 +32,76 @@ def test_finetune_part_times_both_demo_configs_and_profiles(tmp_path):
         assert "Self CPU" in table and "aten::" in table
 
 
-def test_pretrain_bench_keeps_ours_when_the_reference_fails_in_its_timed_steps(monkeypatch, capsys):
-    """The reference has never run on a GPU: if it breaks after its check step (in the FLOP count
-    or the timed steps), the stage still reports our figures and says why the reference is gone."""
+
+class _BreaksAfter:
+    """A stand-in for mmpretrain's train step that works ``ok_calls`` times, then raises."""
+
+    ok_calls = 0
+
+    def __init__(self, model, images, device, dtype, optimizer=None):
+        from itpn_d2.benchmark.train_step import make_optimizer
+
+        self.model, self.opt, self.calls = model, make_optimizer(model), 0
+
+    def fwd_bwd(self):
+        import torch
+
+        self.calls += 1
+        if self.calls > self.ok_calls:
+            raise RuntimeError("no kernel for this case")
+        self.model(torch.ones(1, 2)).sum().backward()
+
+    def __call__(self):
+        self.opt.zero_grad(set_to_none=True)
+        self.fwd_bwd()
+        self.opt.step()
+
+
+def _bench_with_reference(monkeypatch, ok_calls):
     import torch
 
     from itpn_d2.benchmark import pretraining
     from itpn_d2.benchmark.options import BenchmarkOptions
-    from itpn_d2.benchmark.train_step import TrainStep, make_optimizer
 
-    class BreaksAfterTwoSteps(TrainStep):  # stands in for mmpretrain's step
-        def __init__(self, model, images, device, dtype, optimizer=None):
-            self.model, self.opt, self.calls = model, make_optimizer(model), 0
-
-        def loss(self):
-            self.calls += 1  # 1: the check step, 2: the FLOP count, 3: the first timed step
-            if self.calls > 2:
-                raise RuntimeError("no kernel for this case")
-            return self.model(torch.ones(1, 2)).sum()
-
-    ref = torch.nn.Linear(2, 2)
-    monkeypatch.setattr(pretraining, "build_reference", lambda device: (ref, "stand-in", None))
-    monkeypatch.setattr(pretraining, "ReferenceStep", BreaksAfterTwoSteps)
+    stand_in = type("StandIn", (_BreaksAfter,), {"ok_calls": ok_calls})
+    monkeypatch.setattr(pretraining, "build_reference", lambda device: (torch.nn.Linear(2, 2), "stand-in", None))
+    monkeypatch.setattr(pretraining, "ReferenceStep", stand_in)
     args = BenchmarkOptions(arch="tiny", batch=2, img=64, dtypes="fp32", reference="on", optimizer="plain",
-                            quick=True, no_memory=True)
-    results = pretraining.bench_pretrain(args, "cpu", warmup=0, reps=2)
+                            quick=True)
+    return pretraining.bench_pretrain(args, "cpu", warmup=0, reps=2)
+
+
+# the reference's calls: 1 the check step, 2 the FLOP count, 3-4 the timed steps, 5+ the memory measurement
+@pytest.mark.parametrize("ok_calls, why", [(1, "UNAVAILABLE: its FLOP count failed"),
+                                           (2, "UNAVAILABLE: its timed steps failed"),
+                                           (4, "peak memory not measured")])
+def test_pretrain_bench_keeps_ours_when_the_reference_breaks(monkeypatch, capsys, ok_calls, why):
+    """The reference has never run on a GPU: if it breaks after its check step, the stage still
+    reports our figures and says why the reference's are missing."""
+    results = _bench_with_reference(monkeypatch, ok_calls)
     out = capsys.readouterr().out
-    assert "[pretrain] reference fp32: UNAVAILABLE: its timed steps failed (RuntimeError: no kernel" in out, out
-    assert set(results) == {("ours", "fp32")}
+    assert f"[pretrain] reference fp32: {why}" in out, out
     assert re.search(r"^\[pretrain\] ours fp32: [\d.]+ img/s", out, re.M), out
+    assert re.search(r"^\[pretrain\] ours fp32: peak memory \d+ MiB", out, re.M), out
+    if ok_calls < 4:
+        assert set(results) == {("ours", "fp32")}
+    else:  # timed, only its memory is missing: the ratio stands
+        assert "[pretrain] ratio ours/reference fp32 (throughput):" in out
+
+
+def test_pretrain_bench_does_not_blame_the_reference_for_our_failure(monkeypatch, capsys):
+    from itpn_d2.benchmark import pretraining
+
+    class OursBreaks(pretraining.OursStep):
+        calls = 0
+
+        def fwd_bwd(self):
+            OursBreaks.calls += 1
+            if OursBreaks.calls > 1:  # the FLOP count works, the first timed step fails
+                raise RuntimeError("ours broke")
+            super().fwd_bwd()
+
+    monkeypatch.setattr(pretraining, "OursStep", OursBreaks)
+    with pytest.raises(RuntimeError, match="ours broke"):
+        _bench_with_reference(monkeypatch, ok_calls=10)
+    assert "UNAVAILABLE" not in capsys.readouterr().out

@@ -174,5 +174,5 @@ def test_gpu_stage_budgets_leave_room_within_the_total():
     # (The CPU mode's budgets are generous caps for slow machines; only its total is a promise.)
     m = gpu_check.MODES["gpu"]
     spent = sum(m[name.replace("_act_ckpt", "")]["budget"] for name in gpu_check.STAGES)
-    assert spent <= m["budget"] - 10, (spent, m["budget"])
+    assert spent <= m["budget"] - 15, (spent, m["budget"])
     assert m["budget"] < 8 * 60
