@@ -8,6 +8,7 @@ from .seg_backbone import ITPNSegBackbone, itpn_seg_output_shape
 from .uper_head import UPerHead
 from .slide_segmentor import SlidingWindowSemanticSegmentor
 from .masking import BlockMaskGenerator, RandomMaskGenerator
+from .roi_pooler import ROIAlignFP32Boxes, ROIPoolerFP32Boxes
 from .decoder import LevelDecoder, PixelDecoder
 from .teacher import EMATeacher, ExternalTeacher
 from .pretrainer import MaskedPretrainer
