@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 GPU_SITE ?= /tmp/site
-BUNDLE_FLAGS ?=
+BUNDLE_FLAGS ?= --bench
 
 .PHONY: install test demo gpu-check gpu-bundle gpu-check-offline clean
 
@@ -36,7 +36,7 @@ demo: install
 gpu-check: install
 	$(PY) tools/gpu_check.py
 
-# here, with internet (BUNDLE_FLAGS=--bench adds mmpretrain, the benchmark's reference)
+# here, with internet; --bench (the default) adds mmpretrain: the pretrain stage's reference
 gpu-bundle: install
 	$(PY) tools/gpu_bundle.py build $(BUNDLE_FLAGS)
 

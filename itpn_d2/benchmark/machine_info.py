@@ -74,5 +74,7 @@ def versions():
         except ImportError:
             pass
     out["git_commit"] = _cmd_out(["git", "rev-parse", "HEAD"])
-    out["git_dirty"] = bool(_cmd_out(["git", "status", "--porcelain", "--untracked-files=no"]))
+    # a copy of the tree without .git (or without git) knows neither: None, not "clean"
+    out["git_dirty"] = (bool(_cmd_out(["git", "status", "--porcelain", "--untracked-files=no"]))
+                        if out["git_commit"] else None)
     return out

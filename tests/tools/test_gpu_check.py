@@ -176,3 +176,15 @@ def test_gpu_stage_budgets_leave_room_within_the_total():
     spent = sum(m[name.replace("_act_ckpt", "")]["budget"] for name in gpu_check.STAGES)
     assert spent <= m["budget"] - 15, (spent, m["budget"])
     assert m["budget"] < 8 * 60
+
+
+def test_versions_without_git_say_unknown_not_clean(monkeypatch):
+    # The check may run on a copy of the tree without .git: its JSON must not claim a clean tree.
+    from itpn_d2.benchmark import machine_info
+
+    monkeypatch.setattr(machine_info, "_cmd_out", lambda cmd: None)
+    v = machine_info.versions()
+    assert v["git_commit"] is None and v["git_dirty"] is None
+    monkeypatch.setattr(machine_info, "_cmd_out", lambda cmd: "abc123" if "rev-parse" in cmd else "")
+    v = machine_info.versions()
+    assert v["git_commit"] == "abc123" and v["git_dirty"] is False
