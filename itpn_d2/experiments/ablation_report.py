@@ -7,6 +7,7 @@ curves ({kind: {pre-training seed: [[iteration, loss], ...]}}):
 * :func:`summarise`: one row per (task, budget, variant), mean and sd over seeds;
 * :func:`claims` / :func:`mim_claim`: the paired per-seed differences of every claim
   (:func:`itpn_d2.evaluation.paired_stats.paired`) and their verdicts;
+* :func:`summary_table`: the claims at the final evaluation, one line each (the README's table);
 * :func:`write_report`: ``results.md``; :func:`plot` / :func:`plot_mim`: ``curves_<task>.png``
   and ``mim_loss.png``.
 """
@@ -19,7 +20,7 @@ from itpn_d2.utils.flops import FLOP_CONVENTION
 
 from .ablation_variants import CLAIMS, Task, budget_of
 
-__all__ = ["summarise", "claims", "mim_claim", "write_report", "plot", "plot_mim"]
+__all__ = ["summarise", "claims", "mim_claim", "summary_table", "write_report", "plot", "plot_mim"]
 
 
 def _sel(runs, **kw):
@@ -92,14 +93,46 @@ def mim_claim(curves: Dict[str, Dict[int, List[List[float]]]], last: int = 3) ->
     return {"claim": "pre-training MIM loss, with pyramid minus without", **p, "verdict": verdict(p)}
 
 
-def _fmt_ci(p: dict) -> str:
-    return "n/a" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
+def _fmt_ci(p: dict, digits: int = 2) -> str:
+    if p["ci95"] is None:
+        return "n/a"
+    lo, hi = p["ci95"]
+    return f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def summary_table(claim_rows: List[dict]) -> List[str]:
+    """Markdown lines: one row per (budget, claim), one column per (task, metric), each cell the
+    paired difference at the final evaluation as ``mean [95% CI] n=k``, with its verdict in words
+    when it is more than "not established"."""
+    final = [c for c in claim_rows if c["when"] == "final"]
+    if not final:
+        return []
+    cols = list(dict.fromkeys((c["task"], c["metric"]) for c in final))
+    lines = ["| budget | claim (a - b) | " + " | ".join(f"{t} {m}" for t, m in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for budget, label, a, b in dict.fromkeys((c["budget"], c["claim"], c["a"], c["b"]) for c in final):
+        cells = []
+        for t, m in cols:
+            hit = [c for c in final if (c["budget"], c["claim"], c["task"], c["metric"]) == (budget, label, t, m)]
+            if not hit:
+                cells.append("-")
+                continue
+            c = hit[0]
+            note = "" if c["verdict"] == "not established" else f" **{c['verdict']}**"
+            cells.append(f"{c['mean']:+.1f} {_fmt_ci(c, 1)} n={c['n']}{note}")
+        lines.append(f"| equal {budget} | {label} ({a} - {b}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(table, claim_rows, flops, mim, path) -> str:
     """Write ``results.md`` to ``path`` (FLOPs per pre-training iteration, the table of each task
     and budget, the paired claims, the MIM-loss claim); returns its text."""
     lines = []
+    summary = summary_table(claim_rows)
+    if summary:
+        lines += [f"Summary: paired per-seed differences at the final evaluation, mean [95% t-interval] and "
+                  f"the number of seeds; established needs the interval to exclude 0 with at least "
+                  f"{MIN_PAIRS_TO_ESTABLISH} seeds (the full table is below).", "", *summary, ""]
     if flops:
         lines += [f"FLOPs per pre-training iteration ({FLOP_CONVENTION}; batch x (3 x student forward + "
                   "teacher forward)):", "",

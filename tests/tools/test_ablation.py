@@ -137,6 +137,14 @@ def test_table_claims_report_and_plots(tmp_path):
             "(integral_mim - backbone_only) "
             "| box_AP | final | 5 | +2.20 | [+2.00, +2.40] | 5 / 0 / 0 | 0.062 | established: higher |") in md
     assert (tmp_path / "results.md").read_text().strip() == md.strip()
+    # the summary on top: final evaluation, one column per task and metric, verdicts in words
+    summary = report.summary_table(cl)
+    assert summary[0] == "| budget | claim (a - b) | det box_AP | det mask_AP | seg mIoU |"
+    row = [ln for ln in summary if ln.startswith("| equal iters | pyramid pre-trained vs backbone-only")][0]
+    assert "| +2.2 [+2.0, +2.4] n=5 **established: higher** |" in row and "**established: lower**" in row
+    mfm_row = [ln for ln in summary if ln.startswith("| equal iters | MFM vs not")][0]
+    assert "**" not in mfm_row.split("|")[3]  # not established: no verdict shown
+    assert md.startswith("Summary: paired per-seed differences") and summary[2] in md
     paths = report.plot(runs, table, tasks, variants, ["iters", "flops"], str(tmp_path))
     report.plot_mim(curves, flops, str(tmp_path / "mim_loss.png"))
     for p in paths + [str(tmp_path / "mim_loss.png")]:
