@@ -42,8 +42,9 @@ train.init_checkpoint = "checkpoints/itpn_base_pretrain.pth"  # placeholder: set
 train.backbone_load = "strict"
 train.amp.enabled = True
 train.ddp.fp16_compression = True
-# With AMP the poolers keep the boxes in fp32: detectron2's cast them to the features' dtype, and
-# bf16 (train.amp.dtype=bfloat16) rounds 1024-px coordinates to 4-px steps (itpn_d2/modeling/roi_pooler.py).
+# With AMP the poolers keep the boxes in fp32: detectron2's cast them to the features' dtype, and bf16
+# (train.amp.dtype=bfloat16) rounds coordinates to 4-px steps at 512-1024 px, 8-px beyond
+# (itpn_d2/modeling/roi_pooler.py).
 model.roi_heads.box_pooler._target_ = model.roi_heads.mask_pooler._target_ = ROIPoolerFP32Boxes
 
 model.backbone.net.drop_path_rate = 0.05

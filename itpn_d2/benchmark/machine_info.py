@@ -9,12 +9,16 @@ from itpn_d2.utils.checkout import REPO_ROOT
 __all__ = ["machine_info", "versions"]
 
 
-def _cmd_out(cmd):
-    # the stripped output of a helper command run in the checkout, None when it is absent or fails
+def _cmd_out(cmd, empty=None):
+    # the stripped output of a helper command run in the checkout (``empty`` when it prints nothing),
+    # None when it is absent or fails
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO_ROOT).stdout.strip() or None
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO_ROOT)
     except (OSError, subprocess.SubprocessError):
         return None
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip() or empty
 
 
 def machine_info():
@@ -75,6 +79,6 @@ def versions():
             pass
     out["git_commit"] = _cmd_out(["git", "rev-parse", "HEAD"])
     # a copy of the tree without .git (or without git) knows neither: None, not "clean"
-    out["git_dirty"] = (bool(_cmd_out(["git", "status", "--porcelain", "--untracked-files=no"]))
-                        if out["git_commit"] else None)
+    status = _cmd_out(["git", "status", "--porcelain", "--untracked-files=no"], empty="") if out["git_commit"] else None
+    out["git_dirty"] = None if status is None else bool(status)
     return out

@@ -102,8 +102,8 @@ def _fmt_ci(p: dict, digits: int = 2) -> str:
 
 def summary_table(claim_rows: List[dict]) -> List[str]:
     """Markdown lines: one row per (budget, claim), one column per (task, metric), each cell the
-    paired difference at the final evaluation as ``mean [95% CI] n=k``, with its verdict in words
-    when it is more than "not established"."""
+    paired difference at the final evaluation as ``mean [95% CI] n=k``, with the verdict in bold
+    when it is "established" or "suggested" (``n=k`` alone with fewer than 2 paired seeds)."""
     final = [c for c in claim_rows if c["when"] == "final"]
     if not final:
         return []
@@ -118,15 +118,20 @@ def summary_table(claim_rows: List[dict]) -> List[str]:
                 cells.append("-")
                 continue
             c = hit[0]
-            note = "" if c["verdict"] == "not established" else f" **{c['verdict']}**"
-            cells.append(f"{c['mean']:+.1f} {_fmt_ci(c, 1)} n={c['n']}{note}")
+            if c["n"] < 2:  # no interval to show
+                cells.append(f"n={c['n']}")
+                continue
+            shown = c["verdict"].startswith(("established", "suggested"))
+            note = f" **{c['verdict']}**" if shown else ""
+            cells.append(f"{c['mean']:+.2f} {_fmt_ci(c)} n={c['n']}{note}")
         lines.append(f"| equal {budget} | {label} ({a} - {b}) | " + " | ".join(cells) + " |")
     return lines
 
 
 def write_report(table, claim_rows, flops, mim, path) -> str:
-    """Write ``results.md`` to ``path`` (FLOPs per pre-training iteration, the table of each task
-    and budget, the paired claims, the MIM-loss claim); returns its text."""
+    """Write ``results.md`` to ``path`` (the summary of :func:`summary_table`, FLOPs per
+    pre-training iteration, the table of each task and budget, the paired claims, the MIM-loss
+    claim); returns its text."""
     lines = []
     summary = summary_table(claim_rows)
     if summary:

@@ -60,3 +60,12 @@ def test_amp_detection_configs_use_it(name):
     for pooler in (model.roi_heads.box_pooler, model.roi_heads.mask_pooler):
         assert type(pooler) is ROIPoolerFP32Boxes
         assert not any(type(p) is ROIAlign for p in pooler.level_poolers)
+
+
+def test_scripts_as_detectron2s_pooler_and_leaves_fp64_alone():
+    feats, boxes = _features(), [Boxes(BOXES)]
+    scripted = torch.jit.script(ROIPoolerFP32Boxes(**POOLER))
+    assert torch.equal(scripted(feats, boxes), ROIPooler(**POOLER)(feats, boxes))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves fp64 alone: so do the boxes
+        out = ROIPoolerFP32Boxes(**POOLER)([f.double() for f in feats], boxes)
+    assert out.dtype == torch.float64

@@ -141,10 +141,13 @@ def test_table_claims_report_and_plots(tmp_path):
     summary = report.summary_table(cl)
     assert summary[0] == "| budget | claim (a - b) | det box_AP | det mask_AP | seg mIoU |"
     row = [ln for ln in summary if ln.startswith("| equal iters | pyramid pre-trained vs backbone-only")][0]
-    assert "| +2.2 [+2.0, +2.4] n=5 **established: higher** |" in row and "**established: lower**" in row
+    assert "| +2.20 [+2.00, +2.40] n=5 **established: higher** |" in row and "**established: lower**" in row
     mfm_row = [ln for ln in summary if ln.startswith("| equal iters | MFM vs not")][0]
     assert "**" not in mfm_row.split("|")[3]  # not established: no verdict shown
     assert md.startswith("Summary: paired per-seed differences") and summary[2] in md
+    lone = {"when": "final", "task": "det", "metric": "box_AP", "budget": "iters", "claim": "c", "a": "x",
+            "b": "y", "n": 1, "mean": float("nan"), "ci95": None, "verdict": "n/a (fewer than 2 pairs)"}
+    assert report.summary_table([lone])[-1] == "| equal iters | c (x - y) | n=1 |"
     paths = report.plot(runs, table, tasks, variants, ["iters", "flops"], str(tmp_path))
     report.plot_mim(curves, flops, str(tmp_path / "mim_loss.png"))
     for p in paths + [str(tmp_path / "mim_loss.png")]:

@@ -182,9 +182,12 @@ def test_versions_without_git_say_unknown_not_clean(monkeypatch):
     # The check may run on a copy of the tree without .git: its JSON must not claim a clean tree.
     from itpn_d2.benchmark import machine_info
 
-    monkeypatch.setattr(machine_info, "_cmd_out", lambda cmd: None)
+    monkeypatch.setattr(machine_info, "_cmd_out", lambda cmd, empty=None: None)
     v = machine_info.versions()
     assert v["git_commit"] is None and v["git_dirty"] is None
-    monkeypatch.setattr(machine_info, "_cmd_out", lambda cmd: "abc123" if "rev-parse" in cmd else "")
+    monkeypatch.setattr(machine_info, "_cmd_out", lambda cmd, empty=None: "abc123" if "rev-parse" in cmd else empty)
     v = machine_info.versions()
     assert v["git_commit"] == "abc123" and v["git_dirty"] is False
+    # `git status` failing (a broken index, say) is unknown too, not clean
+    monkeypatch.setattr(machine_info, "_cmd_out", lambda cmd, empty=None: "abc123" if "rev-parse" in cmd else None)
+    assert machine_info.versions()["git_dirty"] is None
