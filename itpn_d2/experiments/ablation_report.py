@@ -33,8 +33,9 @@ def _mean_sd(x: Sequence[float]) -> List[float]:
 
 
 def summarise(runs: List[dict], tasks: Dict[str, Task], variants: Sequence[str], budgets: Sequence[str]) -> List[dict]:
-    """One row per (task, budget, variant): seeds, mean and sd of each final metric and of the
-    metric at the first evaluation, and the mean curve over the evaluations."""
+    """One row per (task, budget, variant): seeds, each final metric per seed (``<m>_by_seed``, in
+    the order of ``seed_ids``) with its mean and sd, the metric at the first evaluation, and the
+    mean curve over the evaluations."""
     table = []
     for tname, task in tasks.items():
         for budget in budgets:
@@ -42,10 +43,12 @@ def summarise(runs: List[dict], tasks: Dict[str, Task], variants: Sequence[str],
                 rs = _sel(runs, task=tname, variant=v, budget=budget_of(v, budget))
                 if not rs:
                     continue
+                rs = sorted(rs, key=lambda r: r["seed"])
                 row = {"task": tname, "budget": budget, "variant": v, "seeds": len(rs),
-                       "eval_iters": [i for i, _ in rs[0]["evals"]]}
+                       "seed_ids": [r["seed"] for r in rs], "eval_iters": [i for i, _ in rs[0]["evals"]]}
                 for m in task.metrics:
                     final = [r["final"][m] for r in rs]
+                    row[f"{m}_by_seed"] = final
                     first = [r["evals"][0][1][m] for r in rs]
                     row[m] = _mean_sd(final)
                     row[f"{m}_first_eval"] = _mean_sd(first)
@@ -154,11 +157,14 @@ def write_report(table, claim_rows, flops, mim, path) -> str:
         its = " / ".join(str(i) for i in rows[0]["eval_iters"])
         lines += [f"Task {task}, pre-training budget: equal {budget}", "",
                   "| variant | seeds | " + " | ".join(f"{m} (mean ± sd)" for m in metrics)
+                  + " | " + " | ".join(f"{m} by seed" for m in metrics)
                   + " | " + " | ".join(f"{m} at iter {its}" for m in metrics) + " |",
-                  "|---|---|" + "---|" * (2 * len(metrics))]
+                  "|---|---|" + "---|" * (3 * len(metrics))]
         for t in rows:
             lines.append(f"| {t['variant']} | {t['seeds']} | "
                          + " | ".join(f"{t[m][0]:.1f} ± {t[m][1]:.1f}" for m in metrics) + " | "
+                         + " | ".join(", ".join(f"s{i} {a:.1f}" for i, a in zip(t["seed_ids"], t[m + "_by_seed"]))
+                                      for m in metrics) + " | "
                          + " | ".join(" / ".join(f"{a:.1f}" for a in t[m + '_curve']) for m in metrics) + " |")
         lines.append("")
     if claim_rows:

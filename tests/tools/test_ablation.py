@@ -132,7 +132,13 @@ def test_table_claims_report_and_plots(tmp_path):
     md = report.write_report(table, cl, flops, mim, str(tmp_path / "results.md"))
     assert "| mim | 0.100 | 0.000 | 16 | 4.80 | 500 / 900 |" in md
     assert "Task det, pre-training budget: equal flops" in md and "Task seg, pre-training budget: equal iters" in md
-    assert "| backbone_only | 5 | 12.0 ± 1.6 | 11.0 ± 1.6 | 6.0 / 12.0 | 5.5 / 11.0 |" in md
+    assert ("| backbone_only | 5 | 12.0 ± 1.6 | 11.0 ± 1.6 | s0 10.0, s1 11.0, s2 12.0, s3 13.0, s4 14.0 "
+            "| s0 9.0, s1 10.0, s2 11.0, s3 12.0, s4 13.0 | 6.0 / 12.0 | 5.5 / 11.0 |") in md
+    # per seed in seed order, however the runs come
+    shuffled = {(t["task"], t["budget"], t["variant"]): t
+                for t in report.summarise(list(reversed(runs)), tasks, variants, ["iters"])}
+    assert shuffled[("det", "iters", "backbone_only")]["seed_ids"] == [0, 1, 2, 3, 4]
+    assert shuffled[("det", "iters", "backbone_only")]["box_AP_by_seed"] == [10.0, 11.0, 12.0, 13.0, 14.0]
     assert ("| det | iters | pyramid pre-trained vs backbone-only (the paper's baseline) "
             "(integral_mim - backbone_only) "
             "| box_AP | final | 5 | +2.20 | [+2.00, +2.40] | 5 / 0 / 0 | 0.062 | established: higher |") in md
