@@ -110,9 +110,8 @@ def bench_pretrain(args, device, warmup, reps):
                 others = [n for n in models if n != name and models[n] is not None]
                 other_bytes = 0
                 if on_gpu and others:
-                    other_opts = [steps[n].opt if n in steps else opts.get(n) for n in others]
                     other_bytes = live_tensor_bytes(*[models[n] for n in others],
-                                                    *[o for o in other_opts if o is not None])
+                                                    *[opts[n] for n in others if opts[n] is not None])
                 try:
                     mem = peak_memory(step, device)
                 except Exception as e:  # noqa: BLE001 - the reference's memory only: ours must not fail
