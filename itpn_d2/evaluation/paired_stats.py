@@ -74,10 +74,16 @@ def paired(a: Dict[int, float], b: Dict[int, float]) -> dict:
     """Paired differences a[s] - b[s] over the seeds both have: mean, sd, 95% t-interval,
     and the exact sign test (its smallest two-sided p with n pairs is 2 / 2^n: 0.0625 at n = 5).
 
+    A seed whose value is NaN or infinite on either side (a diverged run) is left out of every
+    statistic and listed in ``non_finite_seeds``, so it shows instead of poisoning the mean
+    (``statistics.stdev`` cannot even take it) or counting as a tie.
+
     Returns {"seeds", "diffs", "n", "mean", "sd", "ci95": [lo, hi] or None (n < 2),
-    "sign": {"pos", "neg", "ties", "p"}}.
+    "sign": {"pos", "neg", "ties", "p"}, "non_finite_seeds"}.
     """
-    seeds = sorted(set(a) & set(b))
+    common = sorted(set(a) & set(b))
+    non_finite = [s for s in common if not (math.isfinite(a[s]) and math.isfinite(b[s]))]
+    seeds = [s for s in common if s not in non_finite]
     d = [a[s] - b[s] for s in seeds]
     n = len(d)
     res = {"seeds": seeds, "diffs": d, "n": n, "mean": statistics.mean(d) if d else float("nan")}
@@ -88,7 +94,8 @@ def paired(a: Dict[int, float], b: Dict[int, float]) -> dict:
     else:
         res.update(sd=float("nan"), ci95=None)
     pos, neg = sum(x > 0 for x in d), sum(x < 0 for x in d)
-    res.update(sign={"pos": pos, "neg": neg, "ties": n - pos - neg, "p": sign_test_p(pos, neg)})
+    res.update(sign={"pos": pos, "neg": neg, "ties": n - pos - neg, "p": sign_test_p(pos, neg)},
+               non_finite_seeds=non_finite)
     return res
 
 

@@ -32,15 +32,17 @@ def _mean_sd(x: Sequence[float]) -> List[float]:
     return [statistics.mean(x), statistics.stdev(x) if len(x) > 1 else 0.0]
 
 
-def summarise(runs: List[dict], tasks: Dict[str, Task], variants: Sequence[str], budgets: Sequence[str]) -> List[dict]:
+def summarise(runs: List[dict], tasks: Dict[str, Task], variants: Sequence[str], budgets: Sequence[str],
+              iterations: Optional[Dict[str, Dict[str, int]]] = None) -> List[dict]:
     """One row per (task, budget, variant): seeds, each final metric per seed (``<m>_by_seed``, in
     the order of ``seed_ids``) with its mean and sd, the metric at the first evaluation, and the
-    mean curve over the evaluations."""
+    mean curve over the evaluations. ``iterations``: the pre-training lengths per budget
+    (:func:`budget_of`)."""
     table = []
     for tname, task in tasks.items():
         for budget in budgets:
             for v in variants:
-                rs = _sel(runs, task=tname, variant=v, budget=budget_of(v, budget))
+                rs = _sel(runs, task=tname, variant=v, budget=budget_of(v, budget, iterations))
                 if not rs:
                     continue
                 rs = sorted(rs, key=lambda r: r["seed"])
@@ -58,7 +60,8 @@ def summarise(runs: List[dict], tasks: Dict[str, Task], variants: Sequence[str],
     return table
 
 
-def claims(runs: List[dict], tasks: Dict[str, Task], variants: Sequence[str], budgets: Sequence[str]) -> List[dict]:
+def claims(runs: List[dict], tasks: Dict[str, Task], variants: Sequence[str], budgets: Sequence[str],
+           iterations: Optional[Dict[str, Dict[str, int]]] = None) -> List[dict]:
     """Paired per-seed differences for every claim whose two variants were run, per task,
     budget and metric, at the final evaluation ("final") and at the first ("first_eval")."""
     out = []
@@ -67,8 +70,8 @@ def claims(runs: List[dict], tasks: Dict[str, Task], variants: Sequence[str], bu
             for label, a, b in CLAIMS:
                 if a not in variants or b not in variants:
                     continue
-                ra = {r["seed"]: r for r in _sel(runs, task=tname, variant=a, budget=budget_of(a, budget))}
-                rb = {r["seed"]: r for r in _sel(runs, task=tname, variant=b, budget=budget_of(b, budget))}
+                ra = {r["seed"]: r for r in _sel(runs, task=tname, variant=a, budget=budget_of(a, budget, iterations))}
+                rb = {r["seed"]: r for r in _sel(runs, task=tname, variant=b, budget=budget_of(b, budget, iterations))}
                 if not ra or not rb:
                     continue
                 for m in task.metrics:
@@ -97,10 +100,12 @@ def mim_claim(curves: Dict[str, Dict[int, List[List[float]]]], last: int = 3) ->
 
 
 def _fmt_ci(p: dict, digits: int = 2) -> str:
+    left_out = p.get("non_finite_seeds")
+    note = f" (seeds {left_out} left out: not finite)" if left_out else ""
     if p["ci95"] is None:
-        return "n/a"
+        return "n/a" + note
     lo, hi = p["ci95"]
-    return f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
+    return f"[{lo:+.{digits}f}, {hi:+.{digits}f}]" + note
 
 
 def summary_table(claim_rows: List[dict]) -> List[str]:
@@ -189,7 +194,8 @@ def write_report(table, claim_rows, flops, mim, path) -> str:
     return text
 
 
-def plot(runs, table, tasks: Dict[str, Task], variants, budgets, out_dir) -> List[str]:
+def plot(runs, table, tasks: Dict[str, Task], variants, budgets, out_dir,
+         iterations: Optional[Dict[str, Dict[str, int]]] = None) -> List[str]:
     """``curves_<task>.png`` in ``out_dir``: fine-tuning loss and each metric over iterations,
     mean over seeds, one row per budget; returns the paths."""
     import matplotlib
@@ -204,7 +210,7 @@ def plot(runs, table, tasks: Dict[str, Task], variants, budgets, out_dir) -> Lis
                                  squeeze=False)
         for bi, budget in enumerate(budgets):
             for v in variants:
-                rs = _sel(runs, task=tname, variant=v, budget=budget_of(v, budget))
+                rs = _sel(runs, task=tname, variant=v, budget=budget_of(v, budget, iterations))
                 if not rs:
                     continue
                 n = min(len(r["loss"]) for r in rs)

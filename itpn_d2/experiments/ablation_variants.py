@@ -60,10 +60,21 @@ CLAIMS = [
 BUDGETS = ("iters", "flops")
 
 
-def budget_of(variant: str, budget: str) -> str:
-    """The budget whose runs stand for ``variant`` under ``budget``: scratch pre-trains nothing,
-    so its equal-iterations runs serve both budgets."""
-    return "iters" if VARIANTS[variant][0] is None else budget
+def budget_of(variant: str, budget: str, iterations: Optional[Dict[str, Dict[str, int]]] = None) -> str:
+    """The budget whose runs stand for ``variant`` under ``budget``. Scratch pre-trains nothing, and
+    the pre-training that sets the FLOPs budget (the most expensive per iteration) has the same
+    length under both budgets: either way the equal-iterations fine-tunings are the very runs the
+    other budget would make (same recipe, checkpoint and seed), so they serve both.
+
+    Args:
+        iterations: ``{budget: {pre-training kind: iterations}}``; without it only scratch is shared.
+    """
+    kind = VARIANTS[variant][0]
+    if kind is None:
+        return "iters"
+    if iterations is not None and iterations[budget][kind] == iterations["iters"][kind]:
+        return "iters"
+    return budget
 
 
 class Task:

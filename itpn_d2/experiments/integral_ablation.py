@@ -371,7 +371,7 @@ def run_ablation(options: AblationOptions) -> List[dict]:
 
     def ft_job(task, v, budget, i, seed):
         kind, load_mode = VARIANTS[v]
-        b = budget_of(v, budget)
+        b = budget_of(v, budget, iters)
         ckpt = None
         if kind is not None:
             pre = (kind, b, pre_seeds[i % len(pre_seeds)])
@@ -411,15 +411,15 @@ def run_ablation(options: AblationOptions) -> List[dict]:
             d = pre_dir(k, "iters", s)
             if os.path.exists(os.path.join(d, "metrics.json")):
                 curves.setdefault(k, {})[s] = mim_curve(d)
-    table = summarise(runs, tasks, options.variants, options.budgets)
-    claim_rows = claims(runs, tasks, options.variants, options.budgets)
+    table = summarise(runs, tasks, options.variants, options.budgets, iters)
+    claim_rows = claims(runs, tasks, options.variants, options.budgets, iters)
     mim = mim_claim(curves)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"args": asdict(options), "flops": flops, "runs": runs, "table": table, "claims": claim_rows,
                    "mim_curves": curves, "mim_claim": mim}, f, indent=1)
     md = write_report(table, claim_rows, flops, mim, os.path.join(out, "results.md"))
     if runs:
-        plot(runs, table, tasks, options.variants, options.budgets, out)
+        plot(runs, table, tasks, options.variants, options.budgets, out, iters)
     if curves:
         plot_mim(curves, flops, os.path.join(out, "mim_loss.png"))
     print(md)

@@ -65,6 +65,12 @@ def test_paired_differences():
     assert two["ci95"][0] > 0 and stats.verdict(two) == "suggested: higher (n = 2 < 5 seeds)"
     assert stats.verdict(two, min_pairs=2) == "established: higher"
     assert stats.verdict(stats.paired({0: 1.0}, {0: 0.0})).startswith("n/a")
+    # a diverged run (NaN or inf on either side) is left out and named, not averaged or tied
+    a[1], b[3] = float("nan"), float("inf")
+    p = stats.paired(a, b)
+    assert p["non_finite_seeds"] == [1, 3] and p["seeds"] == [0, 2, 4] and p["n"] == 3
+    assert p["mean"] == pytest.approx((1.0 + 0.5 + 0.0) / 3) and p["sign"]["ties"] == 1
+    assert "seeds [1, 3] left out" in report._fmt_ci(p)
 
 
 # ---------------------------------------------------------------- reporting on fake results
@@ -329,8 +335,11 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     # each pre-training is run when its seed's fine-tunings need it: seed 1's after seed 0's runs began
     order = [os.path.basename(dict(x.split("=", 1) for x in c if "=" in x)["train.output_dir"]) for c in launched]
     assert order.index("pretrain_mim_100it_s1") > order.index("ft_seg_integral_mim_s0")
-    # 2 tasks x 2 seeds x (scratch once + 4 pre-trained variants x 2 budgets)
-    assert len(ft) == 2 * 2 * (1 + 4 * 2)
+    # 2 tasks x 2 seeds x (scratch and integral_mim_mfm once: its pre-training, the most expensive per
+    # iteration, sets the FLOPs budget, so its fine-tunings are the same runs under both budgets;
+    # + 3 pre-trained variants x 2 budgets)
+    assert len(ft) == 2 * 2 * (2 + 3 * 2)
+    assert not [c for c in ft if "integral_mim_mfm@flops" in " ".join(c)]
     # seed by seed, each seed's runs of both tasks together (equal iterations first): an experiment
     # stopped part-way leaves whole paired seeds for every task
     ft_dirs = [dict(x.split("=", 1) for x in c if "=" in x)["train.output_dir"].rsplit("/", 1)[1] for c in ft]
@@ -343,13 +352,18 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     assert loads["ft_det_backbone_only_s0"]["train.backbone_load"] == "encoder_only"
     for run_dir, pre in (("ft_det_backbone_only_s0", "pretrain_backbone_only_100it_s0"),
                          ("ft_seg_encoder_only@flops_s1", "pretrain_mim_200it_s1"),
-                         ("ft_det_integral_mim_mfm@flops_s1", "pretrain_mim_mfm_100it_s1")):
+                         ("ft_det_integral_mim_mfm_s1", "pretrain_mim_mfm_100it_s1")):
         assert loads[run_dir]["train.init_checkpoint"].endswith(f"{pre}/model_final.pth"), run_dir
     assert loads["ft_det_scratch_s0"]["train.init_checkpoint"] == ""
 
     res = json.loads((out / "results.json").read_text())
     assert res["flops"]["backbone_only"]["iterations"] == {"iters": 100, "flops": 300}
-    assert len(res["runs"]) == 2 * 2 * (1 + 4 * 2)
+    assert len(res["runs"]) == 2 * 2 * (2 + 3 * 2)
+    flops_rows = {(t["task"], t["variant"]): t for t in res["table"] if t["budget"] == "flops"}
+    assert set(flops_rows) == {(t, v) for t in ("det", "seg") for v in ablate.VARIANTS}  # every variant at both budgets
+    iters_mfm = [t for t in res["table"] if t["budget"] == "iters" and (t["task"], t["variant"]) == ("det", "integral_mim_mfm")]
+    assert flops_rows[("det", "integral_mim_mfm")]["box_AP_by_seed"] == iters_mfm[0]["box_AP_by_seed"]
+    assert [c for c in res["claims"] if c["budget"] == "flops" and c["a"] == "integral_mim_mfm" and c["b"] == "integral_mim"]
     assert set(res["mim_curves"]) == {"backbone_only", "mim", "mim_mfm"}
     assert res["mim_curves"]["backbone_only"]["0"][0] == [19, pytest.approx(1.031)]
     assert res["mim_claim"]["diffs"] == [pytest.approx(-0.05)] * 2  # paired per pre-training seed
@@ -378,7 +392,7 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     ablate.run_ablation(options)  # everything finished: reused, nothing launched
     assert launched == []
     ablate.run_ablation(replace(options, report_only=True, seeds=[0, 1, 2]))  # seed 2 not run: reported without it
-    assert launched == [] and len(json.loads((out / "results.json").read_text())["runs"]) == 2 * 2 * 9
+    assert launched == [] and len(json.loads((out / "results.json").read_text())["runs"]) == 2 * 2 * 8
 
 
 @pytest.mark.slow
