@@ -29,6 +29,9 @@ pre-training seed; ``curves_<task>.png`` and ``mim_loss.png``.
 Every run writes into its own folder under ``--output-dir`` and a finished one (its
 ``model_final.pth`` exists) is reused, an interrupted one resumes (``--resume``), so the
 experiment can be spread over several sessions; ``--report-only`` re-reads finished runs.
+A seed sets ``train.seed`` (the initialisation of new parameters, drop path); every run reads the
+same data stream (``dataloader.train.seed`` of the configs: image order, augmentations, MIM masks)
+unless ``--vary-data`` seeds it with the run's seed as well.
 The experiment itself (variants, runs, FLOP budgets, statistics, report) is
 ``itpn_d2/experiments/`` and ``itpn_d2/evaluation/paired_stats.py``.
 
@@ -72,6 +75,10 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=DEFAULTS.jobs,
                    help="runs at once, each with cores/jobs torch threads (a detectron2 step is "
                         "largely single-threaded, so 2 jobs on 2 cores finish sooner than 1)")
+    p.add_argument("--vary-data", action="store_true",
+                   help="seed the data stream (image order, augmentations, masks) with each seed too, so the "
+                        "intervals cover data order; default: data seed 0 for every run, a seed varies "
+                        "initialisation and drop path. Folders get a _data suffix")
     args = p.parse_args(argv)
     try:
         run_ablation(AblationOptions(**vars(args)))

@@ -245,15 +245,29 @@ def plot_mim(curves: Dict[str, Dict[int, List[List[float]]]], flops: Dict[str, d
     fig, (ax_it, ax_fl) = plt.subplots(1, 2, figsize=(11, 4))
     names = {"backbone_only": "no pyramid (backbone only)", "mim": "pyramid (integral MIM)",
              "mim_mfm": "pyramid + MFM"}
-    for kind, by_seed in curves.items():
+    # One colour per pre-training: thin lines per seed, a thick line for the mean over the seeds that
+    # logged each iteration, so 3 x 5 noisy curves stay readable.
+    for n, (kind, by_seed) in enumerate(curves.items()):
+        colour = f"C{n}"
+        per_iter: Dict[int, List[float]] = {}
         for seed, c in sorted(by_seed.items()):
-            if not c:
-                continue
             its = [i for i, _ in c]
-            label = f"{names.get(kind, kind)}, seed {seed}"
-            ax_it.plot(its, [v for _, v in c], label=label)
+            vals = [v for _, v in c]
+            for i, v in c:
+                per_iter.setdefault(i, []).append(v)
+            ax_it.plot(its, vals, color=colour, alpha=0.3, linewidth=0.8)
             if kind in flops:
-                ax_fl.plot([(i + 1) * flops[kind]["per_iter"] / 1e12 for i in its], [v for _, v in c], label=label)
+                ax_fl.plot([(i + 1) * flops[kind]["per_iter"] / 1e12 for i in its], vals,
+                           color=colour, alpha=0.3, linewidth=0.8)
+        if not per_iter:
+            continue
+        its = sorted(per_iter)
+        mean = [sum(per_iter[i]) / len(per_iter[i]) for i in its]
+        label = f"{names.get(kind, kind)}: mean of {len(by_seed)} seeds (thin: each seed)"
+        ax_it.plot(its, mean, color=colour, linewidth=2.2, label=label)
+        if kind in flops:
+            ax_fl.plot([(i + 1) * flops[kind]["per_iter"] / 1e12 for i in its], mean, color=colour,
+                       linewidth=2.2, label=label)
     ax_it.set(xlabel="pre-training iteration", ylabel="MIM loss (masked units)",
               title="reconstruction, equal iterations")
     ax_fl.set(xlabel="pre-training TFLOPs", ylabel="MIM loss (masked units)", title="reconstruction, equal compute")

@@ -89,6 +89,10 @@ class AblationOptions:
             seed; its metrics.json beside it gives the MIM-loss curve.
         report_only: no new runs: report the finished ones.
         jobs: runs at once, each with cores / jobs torch threads.
+        vary_data: also seed the data stream with each seed (``dataloader.train.seed``: image order,
+            augmentations, MIM masks), so the intervals cover the order of the data too. Off: every
+            run sees data seed 0 and a seed varies initialisation and drop path only (the committed
+            5-seed run). Its folders are named ``..._s<seed>_data``, apart from the others.
     """
 
     # field order is the order of the tool's flags and of "args" in results.json
@@ -107,6 +111,7 @@ class AblationOptions:
     pretrain_mim_mfm: Optional[str] = None
     report_only: bool = False
     jobs: int = 1
+    vary_data: bool = False
 
 
 # Torch threads per run when several run at once (``jobs``). Module state rather than an
@@ -188,20 +193,25 @@ def budget_iters(flops: Dict[str, Dict[str, float]], iters: int) -> Dict[str, in
 # ---------------------------------------------------------------------------- runs
 
 
-def pretrain(kind: str, out: str, iters: Optional[int], seed: int = 0) -> str:
-    """Run (or reuse, or resume) one pre-training; returns its final checkpoint."""
+def pretrain(kind: str, out: str, iters: Optional[int], seed: int = 0, data_seed: Optional[int] = None) -> str:
+    """Run (or reuse, or resume) one pre-training; returns its final checkpoint. ``data_seed``:
+    ``dataloader.train.seed`` (None: the config's)."""
     ckpt = os.path.join(out, "model_final.pth")
     if os.path.exists(ckpt):
         print(f"[ablation] reusing {ckpt}")
         return ckpt
     cfg, overrides = PRETRAININGS[kind]
     cmd = [sys.executable, "tools/lazyconfig_train_net.py", "--config-file", cfg, "--resume",
-           f"train.output_dir={out}", f"train.seed={seed}", *overrides]
+           f"train.output_dir={out}", f"train.seed={seed}", *overrides, *_data_overrides(data_seed)]
     if iters:
         cmd += [f"train.max_iter={iters}"]
     os.makedirs(out, exist_ok=True)
     run(cmd, os.path.join(out, "run.log"))
     return ckpt
+
+
+def _data_overrides(data_seed: Optional[int]) -> List[str]:
+    return [] if data_seed is None else [f"dataloader.train.seed={int(data_seed)}"]
 
 
 def mim_curve(out: str) -> List[List[float]]:
@@ -278,11 +288,13 @@ def _check_reused_run(out: str, ckpt: Optional[str], recipe: Optional[List[str]]
 
 
 def finetune(task: Task, variant: str, ckpt: Optional[str], load_mode: str, seed: int, iters: int, evals: int,
-             out: str, budget: str = "iters", recipe: Optional[List[str]] = None) -> dict:
+             out: str, budget: str = "iters", recipe: Optional[List[str]] = None,
+             data_seed: Optional[int] = None) -> dict:
     """Run (or reuse, or resume) one fine-tuning; returns its record:
     {"task", "variant", "budget", "seed", "loss": [(iter, total_loss)],
      "evals": [(iters trained, {metric: value})], "final": {metric: value}}.
-    ``recipe``: :func:`saved_recipe` of the task's config, to refuse a folder run with another."""
+    ``recipe``: :func:`saved_recipe` of the task's config (with the same ``data_seed``), to refuse a
+    folder run with another. ``data_seed``: ``dataloader.train.seed`` (None: the config's)."""
     _check_reused_run(out, ckpt, recipe)
     if not os.path.exists(os.path.join(out, "model_final.pth")):
         os.makedirs(out, exist_ok=True)
@@ -290,7 +302,7 @@ def finetune(task: Task, variant: str, ckpt: Optional[str], load_mode: str, seed
                f"train.output_dir={out}", f"train.seed={seed}", f"train.max_iter={iters}",
                f"train.eval_period={max(iters // evals, 1)}", f"train.checkpointer.period={iters}",
                "train.log_period=10", f"train.backbone_load={load_mode}",
-               f"train.init_checkpoint={ckpt or ''}", *task.extra]
+               f"train.init_checkpoint={ckpt or ''}", *task.extra, *_data_overrides(data_seed)]
         run(cmd, os.path.join(out, "run.log"))
     rows = read_metrics(out)
     loss = [(r["iteration"], r["total_loss"]) for r in rows if "total_loss" in r]
@@ -342,13 +354,24 @@ def run_ablation(options: AblationOptions) -> List[dict]:
 
     pre_seeds = list(options.pretrain_seeds or options.seeds)
 
+    # With vary_data a run's data seed is its seed, and its folder says so: it can never be mixed
+    # up with (or reuse) a run on data seed 0.
+    data_tag = "_data" if options.vary_data else ""
+
+    def data_seed(seed):
+        return seed if options.vary_data else None
+
     def pre_dir(kind, budget, seed):
-        return os.path.join(out, f"pretrain_{kind}_{iters[budget][kind]}it_s{seed}")
+        return os.path.join(out, f"pretrain_{kind}_{iters[budget][kind]}it_s{seed}{data_tag}")
 
     if options.pretrain_mim_mfm and "mim_mfm" in kinds:
         given = os.path.abspath(options.pretrain_mim_mfm)
         if not os.path.isfile(given):
             raise AblationError(f"--pretrain-mim-mfm {options.pretrain_mim_mfm}: no such file")
+        if options.vary_data and pre_seeds[0] != 0:
+            raise AblationError(f"--pretrain-mim-mfm with --vary-data stands for pre-training seed {pre_seeds[0]}, "
+                                "whose data seed would be the same, but a given checkpoint's data seed is the "
+                                "config's (0): make 0 the first seed, or leave --pretrain-mim-mfm out")
         d = pre_dir("mim_mfm", "iters", pre_seeds[0])
         os.makedirs(d, exist_ok=True)
         beside = os.path.join(os.path.dirname(given), "metrics.json")
@@ -367,7 +390,7 @@ def run_ablation(options: AblationOptions) -> List[dict]:
         with locks_guard:
             lock = pre_locks.setdefault(d, threading.Lock())
         with lock:
-            return pretrain(kind, d, iters[budget][kind], seed)
+            return pretrain(kind, d, iters[budget][kind], seed, data_seed(seed))
 
     def ft_job(task, v, budget, i, seed):
         kind, load_mode = VARIANTS[v]
@@ -377,7 +400,7 @@ def run_ablation(options: AblationOptions) -> List[dict]:
             pre = (kind, b, pre_seeds[i % len(pre_seeds)])
             ckpt = (os.path.join(pre_dir(*pre), "model_final.pth"), pre)
         tag = v if b == "iters" else f"{v}@flops"
-        return (task, v, b, seed, ckpt, load_mode, os.path.join(out, f"ft_{task.name}_{tag}_s{seed}"))
+        return (task, v, b, seed, ckpt, load_mode, os.path.join(out, f"ft_{task.name}_{tag}_s{seed}{data_tag}"))
 
     # Seed by seed, both tasks and every variant of a seed together: an experiment stopped part-way
     # (it may span sessions) leaves complete paired seeds for every claim and task.
@@ -385,7 +408,8 @@ def run_ablation(options: AblationOptions) -> List[dict]:
                               for t in tasks.values() for v in options.variants))
     # Each task's schedule and recipe, read once (loading a LazyConfig takes about a second).
     ft_iters = {t.name: options.finetune_iters or t.max_iter() for t in tasks.values()}
-    recipes = {t.name: saved_recipe(t.config, t.extra) for t in tasks.values()}
+    recipes = {(t.name, s): saved_recipe(t.config, [*t.extra, *_data_overrides(data_seed(s))])
+               for t in tasks.values() for s in (options.seeds if options.vary_data else [None])}
 
     def one(job):
         task, v, b, seed, ckpt, load_mode, d = job
@@ -397,7 +421,7 @@ def run_ablation(options: AblationOptions) -> List[dict]:
                 ensure_pretrained(*pre)
         print(f"[ablation] {task.name}: fine-tuning {v} (pre-training budget {b}), seed {seed}", flush=True)
         return finetune(task, v, ckpt, load_mode, seed, ft_iters[task.name], options.evals, d, budget=b,
-                        recipe=recipes[task.name])
+                        recipe=recipes[task.name, seed if options.vary_data else None], data_seed=data_seed(seed))
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:

@@ -214,9 +214,29 @@ def test_pretraining_commands_build_the_intended_models(ablate, tmp_path, monkey
     assert cfg.train.max_iter == 7 and cfg.train.seed == 3
     assert (cfg.model.mfm_decoder is None) == (kind != "mim_mfm") and (cfg.model.teacher is None) == (kind != "mim_mfm")
     assert cfg.model.use_pyramid == (kind != "backbone_only")
+    assert cfg.dataloader.train.seed == 0  # the config's data stream unless one is asked for
+    ablate.pretrain(kind, str(tmp_path / "pt_data"), 7, seed=3, data_seed=5)
+    cmd = seen[-1]
+    cfg = apply_overrides(LazyConfig.load(os.path.join(ROOT, cfg_path)),
+                          [c for c in cmd[cmd.index("--config-file") + 2:] if c != "--resume"])
+    assert cfg.train.seed == 3 and cfg.dataloader.train.seed == 5
     # a finished one is reused
     (tmp_path / "pt" / "model_final.pth").write_bytes(b"")
-    assert ablate.pretrain(kind, str(tmp_path / "pt"), 7) == str(tmp_path / "pt" / "model_final.pth") and len(seen) == 1
+    assert ablate.pretrain(kind, str(tmp_path / "pt"), 7) == str(tmp_path / "pt" / "model_final.pth") and len(seen) == 2
+
+
+@pytest.mark.parametrize("cfg", ["configs/COCO/mask_rcnn_itpn_tiny_demo.py", "configs/ADE20K/uper_itpn_tiny_demo.py"])
+def test_the_data_seed_override_reaches_the_finetuning_loader(cfg):
+    """--vary-data sets dataloader.train.seed: a key the fine-tuning configs already have (the
+    resumable loader's seed), so the override changes the data stream instead of adding a stray key."""
+    from detectron2.config import LazyConfig
+
+    from itpn_d2.data.resumable import build_resumable_train_loader
+
+    base = LazyConfig.load(os.path.join(ROOT, cfg))
+    assert base.dataloader.train._target_ is build_resumable_train_loader and base.dataloader.train.seed == 0
+    varied = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(ROOT, cfg)), integral_ablation._data_overrides(4))
+    assert varied.dataloader.train.seed == 4
 
 
 def test_finished_runs_are_read_back_not_rerun(ablate, tmp_path, monkeypatch):
@@ -325,6 +345,7 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     options = ablate.AblationOptions(output_dir=str(out), seeds=[0, 1], pretrain_iters=100, finetune_iters=20,
                                      evals=2, tasks=["det", "seg"], seg_config=str(seg_cfg))
     ablate.run_ablation(options)
+    assert not [c for c in launched if any(x.startswith("dataloader.train.seed=") for x in c)]  # data seed 0 throughout
     pre = [c for c in launched if "pretrain" in c[c.index("--config-file") + 1]]
     ft = [c for c in launched if c not in pre]
     dirs = sorted(os.path.basename(dict(x.split("=", 1) for x in c if "=" in x)["train.output_dir"]) for c in pre)
@@ -387,6 +408,20 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     assert json.loads((out2 / "results.json").read_text())["mim_curves"] == {"mim_mfm": {"0": [[19, 0.5]]}}
     with pytest.raises(ablate.AblationError, match="no such file"):
         ablate.run_ablation(replace(options, pretrain_mim_mfm=str(tmp_path / "nope.pth")))
+
+    # --vary-data: every run's data seed is its own seed, in folders of their own (nothing reused
+    # from the data-seed-0 runs in the same output folder)
+    launched.clear()
+    ablate.run_ablation(replace(options, vary_data=True, tasks=["det"], budgets=["iters"],
+                                variants=["scratch", "integral_mim"]))
+    assert len(launched) == 2 + 2 * 2  # the two mim pre-trainings, then 2 variants x 2 seeds
+    for c in launched:
+        opts = dict(x.split("=", 1) for x in c if "=" in x)
+        assert opts["dataloader.train.seed"] == opts["train.seed"] and opts["train.output_dir"].endswith("_data"), c
+        if opts.get("train.init_checkpoint"):
+            assert opts["train.init_checkpoint"].endswith(f"pretrain_mim_100it_s{opts['train.seed']}_data/model_final.pth")
+    with pytest.raises(ablate.AblationError, match="--vary-data"):
+        ablate.run_ablation(replace(options, vary_data=True, seeds=[1, 2], pretrain_mim_mfm=str(demo / "model_final.pth")))
 
     launched.clear()
     ablate.run_ablation(options)  # everything finished: reused, nothing launched
