@@ -104,8 +104,9 @@ def run_job(argv=None) -> None:
         os.path.join(out, "finetune.log"))
     ft_ckpt = os.path.join(ft_dir, "model_final.pth")
 
-    # One process: on 2 cores the detection stage already uses both, and a UPerNet step at 128 px
-    # is small enough that a second process would mostly add start-up and gloo overhead.
+    # One process (two threads): a UPerNet step at 144-176 px is small enough that a second process
+    # adds start-up and gloo overhead and no speed (80 iterations and the evaluation, on the idle
+    # 2-core EPYC, 2026-11-30: 58 s as one process, 74 s as two; docs/main_job.md).
     seg_dir = os.path.join(out, "segmentation")
     cmd = [py, "tools/lazyconfig_train_net.py", "--config-file", SEG_CFG,
            f"train.init_checkpoint={pre_ckpt}", "train.backbone_load=strict", f"train.output_dir={seg_dir}"]
