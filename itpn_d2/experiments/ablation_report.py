@@ -263,7 +263,8 @@ def plot_mim(curves: Dict[str, Dict[int, List[List[float]]]], flops: Dict[str, d
             continue
         its = sorted(per_iter)
         mean = [sum(per_iter[i]) / len(per_iter[i]) for i in its]
-        label = f"{names.get(kind, kind)}: mean of {len(by_seed)} seeds (thin: each seed)"
+        seeds = sum(1 for c in by_seed.values() if c)
+        label = f"{names.get(kind, kind)}: mean of {seeds} seeds (thin: each seed)"
         ax_it.plot(its, mean, color=colour, linewidth=2.2, label=label)
         if kind in flops:
             ax_fl.plot([(i + 1) * flops[kind]["per_iter"] / 1e12 for i in its], mean, color=colour,

@@ -10,8 +10,9 @@ seed and pre-training budget (equal iterations, or equal FLOPs: :func:`pretrain_
 
 * ``flops.json``: FLOPs per pre-training iteration of each kind (:data:`FLOP_CONVENTION`) and
   its iterations under each budget; counts of another convention are redone;
-* ``pretrain_<kind>_<iters>it_s<seed>/``: one pre-training run;
-* ``ft_<task>_<variant>[@flops]_s<seed>/``: one fine-tuning run;
+* ``pretrain_<kind>_<iters>it_s<seed>[_data]/``: one pre-training run;
+* ``ft_<task>_<variant>[@flops]_s<seed>[_data]/``: one fine-tuning run (``_data``: with
+  ``vary_data``, the seed also seeds the data stream);
 * ``results.json``, ``results.md``, ``curves_<task>.png``, ``mim_loss.png``: the report.
 
 A run whose ``model_final.pth`` exists is finished and only read back (:func:`pretrain`,

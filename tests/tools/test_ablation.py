@@ -225,9 +225,10 @@ def test_pretraining_commands_build_the_intended_models(ablate, tmp_path, monkey
     assert ablate.pretrain(kind, str(tmp_path / "pt"), 7) == str(tmp_path / "pt" / "model_final.pth") and len(seen) == 2
 
 
-@pytest.mark.parametrize("cfg", ["configs/COCO/mask_rcnn_itpn_tiny_demo.py", "configs/ADE20K/uper_itpn_tiny_demo.py"])
-def test_the_data_seed_override_reaches_the_finetuning_loader(cfg):
-    """--vary-data sets dataloader.train.seed: a key the fine-tuning configs already have (the
+@pytest.mark.parametrize("cfg", ["configs/COCO/mask_rcnn_itpn_tiny_demo.py", "configs/ADE20K/uper_itpn_tiny_demo.py",
+                                 PRETRAIN_CFG, "configs/pretrain/mim_backbone_only_itpn_tiny_cpu.py"])
+def test_the_data_seed_override_reaches_the_train_loader(cfg):
+    """--vary-data sets dataloader.train.seed: a key the ablation's configs already have (the
     resumable loader's seed), so the override changes the data stream instead of adding a stray key."""
     from detectron2.config import LazyConfig
 
@@ -411,15 +412,39 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
 
     # --vary-data: every run's data seed is its own seed, in folders of their own (nothing reused
     # from the data-seed-0 runs in the same output folder)
+    from detectron2.config import LazyConfig
+
+    from itpn_d2.config.overrides import apply_overrides
+
+    def run_and_save_config(cmd, log):  # as the training script: config.yaml with the overrides applied
+        fake_run(cmd, log)
+        cfg = cmd[cmd.index("--config-file") + 1]
+        if "pretrain" not in cfg:
+            overrides = [c for c in cmd[cmd.index("--config-file") + 2:] if c != "--resume"]
+            out_dir = dict(c.split("=", 1) for c in overrides)["train.output_dir"]
+            LazyConfig.save(apply_overrides(LazyConfig.load(os.path.join(ROOT, cfg)), overrides),
+                            os.path.join(out_dir, "config.yaml"))
+
+    monkeypatch.setattr(ablate, "run", run_and_save_config)
     launched.clear()
-    ablate.run_ablation(replace(options, vary_data=True, tasks=["det"], budgets=["iters"],
-                                variants=["scratch", "integral_mim"]))
+    varied = replace(options, vary_data=True, tasks=["det"], budgets=["iters"], variants=["scratch", "integral_mim"])
+    ablate.run_ablation(varied)
     assert len(launched) == 2 + 2 * 2  # the two mim pre-trainings, then 2 variants x 2 seeds
     for c in launched:
         opts = dict(x.split("=", 1) for x in c if "=" in x)
         assert opts["dataloader.train.seed"] == opts["train.seed"] and opts["train.output_dir"].endswith("_data"), c
         if opts.get("train.init_checkpoint"):
             assert opts["train.init_checkpoint"].endswith(f"pretrain_mim_100it_s{opts['train.seed']}_data/model_final.pth")
+    # finished: reused, each against the recipe with its own data seed; a folder run on another data
+    # seed is refused, not reused
+    launched.clear()
+    ablate.run_ablation(varied)
+    assert launched == []
+    saved = out / "ft_det_scratch_s1_data" / "config.yaml"
+    saved.write_text(saved.read_text().replace("seed: 1", "seed: 0"))
+    with pytest.raises(ablate.AblationError, match="another recipe"):
+        ablate.run_ablation(varied)
+    monkeypatch.setattr(ablate, "run", fake_run)
     with pytest.raises(ablate.AblationError, match="--vary-data"):
         ablate.run_ablation(replace(options, vary_data=True, seeds=[1, 2], pretrain_mim_mfm=str(demo / "model_final.pth")))
 
