@@ -399,13 +399,11 @@ def test_configs_that_register_datasets_run_through_the_cli(tmp_path, procs):
         "model.roi_heads.num_classes = 1\n"
     )
     env = env_for(tmp_path)
-    r = subprocess.run(
+    _train_cli_ok(
         [sys.executable, os.path.join(ROOT, "tools", "lazyconfig_train_net.py"), "--config-file", str(det_cfg),
          "--num-gpus", str(procs), f"train.output_dir={tmp_path / 'det'}", "train.max_iter=2", "train.eval_period=0",
          "dataloader.train.total_batch_size=2", "train.init_checkpoint=", "train.checkpointer.period=2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+        env, tmp_path / "det")
     assert (tmp_path / "det" / "model_final.pth").exists()
 
     folder = make_image_folder(tmp_path / "imgs", n=6)
@@ -421,13 +419,34 @@ def test_configs_that_register_datasets_run_through_the_cli(tmp_path, procs):
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("dataloader.train.dataset.names")] + [
         f"train.output_dir={tmp_path / 'pre'}", "train.max_iter=2", "train.checkpointer.period=2",
         "dataloader.train.total_batch_size=2"]
-    r = subprocess.run(
+    _train_cli_ok(
         [sys.executable, os.path.join(ROOT, "tools", "lazyconfig_train_net.py"), "--config-file", str(pre_cfg),
          "--num-gpus", str(procs), "dataloader.train.dataset.names=my_unlabeled", *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+        env, tmp_path / "pre")
     assert (tmp_path / "pre" / "model_final.pth").exists()
+
+
+# A worker of a 2-process gloo run once died at start-up with only "terminate called without an active
+# exception" from libstdc++ (SIGABRT), in the fresh-clone CI of 2026-11-30; this test had passed in every
+# earlier CI run and passed in 4 reruns that day, so the cause (gloo, the launcher) is not known. That
+# abort, and only it, is retried once, with a warning that keeps the first attempt's output in the test
+# report; any other failure, or the abort twice, fails the test.
+_NATIVE_ABORT = "terminate called without an active exception"
+
+
+def _train_cli_ok(cmd, env, out_dir) -> None:
+    def attempt():
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    r = attempt()
+    if r.returncode != 0 and _NATIVE_ABORT in r.stderr:
+        import warnings
+
+        warnings.warn(f"{os.path.basename(str(out_dir))}: a worker aborted natively; retrying once. "
+                      f"stdout tail:\n{r.stdout[-1500:]}\nstderr tail:\n{r.stderr[-1500:]}")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        r = attempt()
+    assert r.returncode == 0, f"stdout tail:\n{r.stdout[-1500:]}\nstderr tail:\n{r.stderr[-3000:]}"
 
 
 def test_demo_refuses_typos_and_missing_weights_and_skips_unreadable_images(tmp_path, capsys):
