@@ -29,7 +29,7 @@ pre-training seed; ``curves_<task>.png`` and ``mim_loss.png``.
 Every run writes into its own folder under ``--output-dir`` and a finished one (its
 ``model_final.pth`` exists) is reused, an interrupted one resumes (``--resume``), so the
 experiment can be spread over several sessions; ``--report-only`` re-reads finished runs.
-A seed sets ``train.seed`` (the initialisation of new parameters, drop path); every run reads the
+A seed sets ``train.seed`` (the initialisation of every parameter not loaded from a checkpoint, drop path); every run reads the
 same data stream (``dataloader.train.seed`` of the configs: image order, augmentations, MIM masks)
 unless ``--vary-data`` seeds it with the run's seed as well.
 The experiment itself (variants, runs, FLOP budgets, statistics, report) is

@@ -248,27 +248,22 @@ def plot_mim(curves: Dict[str, Dict[int, List[List[float]]]], flops: Dict[str, d
     # One colour per pre-training: thin lines per seed, a thick line for the mean over the seeds that
     # logged each iteration, so 3 x 5 noisy curves stay readable.
     for n, (kind, by_seed) in enumerate(curves.items()):
-        colour = f"C{n}"
+        def draw(its, vals, **style):
+            ax_it.plot(its, vals, color=f"C{n}", **style)
+            if kind in flops:  # x: the TFLOPs spent after each iteration
+                ax_fl.plot([(i + 1) * flops[kind]["per_iter"] / 1e12 for i in its], vals, color=f"C{n}", **style)
+
         per_iter: Dict[int, List[float]] = {}
         for seed, c in sorted(by_seed.items()):
-            its = [i for i, _ in c]
-            vals = [v for _, v in c]
             for i, v in c:
                 per_iter.setdefault(i, []).append(v)
-            ax_it.plot(its, vals, color=colour, alpha=0.3, linewidth=0.8)
-            if kind in flops:
-                ax_fl.plot([(i + 1) * flops[kind]["per_iter"] / 1e12 for i in its], vals,
-                           color=colour, alpha=0.3, linewidth=0.8)
+            draw([i for i, _ in c], [v for _, v in c], alpha=0.3, linewidth=0.8)
         if not per_iter:
             continue
         its = sorted(per_iter)
-        mean = [sum(per_iter[i]) / len(per_iter[i]) for i in its]
         seeds = sum(1 for c in by_seed.values() if c)
-        label = f"{names.get(kind, kind)}: mean of {seeds} seeds (thin: each seed)"
-        ax_it.plot(its, mean, color=colour, linewidth=2.2, label=label)
-        if kind in flops:
-            ax_fl.plot([(i + 1) * flops[kind]["per_iter"] / 1e12 for i in its], mean, color=colour,
-                       linewidth=2.2, label=label)
+        draw(its, [sum(per_iter[i]) / len(per_iter[i]) for i in its], linewidth=2.2,
+             label=f"{names.get(kind, kind)}: mean of {seeds} seeds (thin: each seed)")
     ax_it.set(xlabel="pre-training iteration", ylabel="MIM loss (masked units)",
               title="reconstruction, equal iterations")
     ax_fl.set(xlabel="pre-training TFLOPs", ylabel="MIM loss (masked units)", title="reconstruction, equal compute")

@@ -409,8 +409,8 @@ def run_ablation(options: AblationOptions) -> List[dict]:
                               for t in tasks.values() for v in options.variants))
     # Each task's schedule and recipe, read once (loading a LazyConfig takes about a second).
     ft_iters = {t.name: options.finetune_iters or t.max_iter() for t in tasks.values()}
-    recipes = {(t.name, s): saved_recipe(t.config, [*t.extra, *_data_overrides(data_seed(s))])
-               for t in tasks.values() for s in (options.seeds if options.vary_data else [None])}
+    recipes = {(t.name, ds): saved_recipe(t.config, [*t.extra, *_data_overrides(ds)])
+               for t in tasks.values() for ds in {data_seed(s) for s in options.seeds}}
 
     def one(job):
         task, v, b, seed, ckpt, load_mode, d = job
@@ -422,7 +422,7 @@ def run_ablation(options: AblationOptions) -> List[dict]:
                 ensure_pretrained(*pre)
         print(f"[ablation] {task.name}: fine-tuning {v} (pre-training budget {b}), seed {seed}", flush=True)
         return finetune(task, v, ckpt, load_mode, seed, ft_iters[task.name], options.evals, d, budget=b,
-                        recipe=recipes[task.name, seed if options.vary_data else None], data_seed=data_seed(seed))
+                        recipe=recipes[task.name, data_seed(seed)], data_seed=data_seed(seed))
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:

@@ -436,7 +436,7 @@ _NATIVE_ABORT = "terminate called without an active exception"
 
 def _train_cli_ok(cmd, env, out_dir) -> None:
     def attempt():
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        return run(cmd, env, timeout=600)
 
     r = attempt()
     if r.returncode != 0 and _NATIVE_ABORT in r.stderr:
