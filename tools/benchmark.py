@@ -35,7 +35,8 @@ optimizer; ``--profile DIR`` writes torch.profiler's table of a few steps per co
 Optimizers: each side's own recipe (``--optimizer recipe``, default): ours from the
 pre-training config (``--opts optimizer.fused=True`` for the fused AdamW kernel), the
 reference from its config's ``optim_wrapper`` (AdamW + ``paramwise_cfg``) through mmengine;
-``--optimizer plain`` gives both the same 2-group torch AdamW.
+``--optimizer plain`` gives both the same 2-group torch AdamW. Detection (``--what det``) steps
+its config's optimizer (layer-decay groups, fused AdamW) likewise, or the plain one with ``plain``.
 
 bf16/fp16 on a CPU without native kernels (no AVX-512 bf16 / AMX: oneDNN reports it)
 is skipped with a message: every bf16 matmul and convolution there is emulated at < 1

@@ -28,8 +28,6 @@ heads, detectron2's RPN / ROI sampling defaults.
 """
 from detectron2 import model_zoo
 
-from itpn_d2.modeling import ROIPoolerFP32Boxes
-
 from ..common.coco_schedule import set_coco_schedule
 from ..common.data.coco import dataloader
 from ..common.models.mask_rcnn_itpn import model
@@ -42,10 +40,6 @@ train.init_checkpoint = "checkpoints/itpn_base_pretrain.pth"  # placeholder: set
 train.backbone_load = "strict"
 train.amp.enabled = True
 train.ddp.fp16_compression = True
-# With AMP the poolers keep the boxes in fp32: detectron2's cast them to the features' dtype, and bf16
-# (train.amp.dtype=bfloat16) rounds coordinates to 4-px steps at 512-1024 px, 8-px beyond
-# (itpn_d2/modeling/roi_pooler.py).
-model.roi_heads.box_pooler._target_ = model.roi_heads.mask_pooler._target_ = ROIPoolerFP32Boxes
 
 model.backbone.net.drop_path_rate = 0.05
 # GIoU on decoded boxes, weight 10 (the reference's GIoULoss(loss_weight=10.0)).

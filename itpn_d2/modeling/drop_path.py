@@ -85,6 +85,10 @@ class DropPath(nn.Module):
         self.scale_by_keep = scale_by_keep
         self.layer_id = int(layer_id)
 
+    # Run eagerly under torch.compile (train.compile): dynamo cannot trace the uint64 hashing (it
+    # fails with KeyError(torch.uint64)), and a traced step key would be a constant, recompiled every
+    # step. The graph breaks here and the mask enters the next graph as an input.
+    @torch.compiler.disable
     def keep_mask(self, batch_size: int, device, dtype, branch: int = 0) -> torch.Tensor:
         """(batch_size,) 0/1 keep decisions in ``dtype`` (see the module docstring)."""
         keep_prob = 1.0 - self.drop_prob
@@ -93,7 +97,13 @@ class DropPath(nn.Module):
             return torch.empty(batch_size, device=device, dtype=dtype).bernoulli_(keep_prob)
         index = step.rank * batch_size + np.arange(batch_size, dtype=np.uint64)
         u = keyed_uniform(step.seed, step.iteration, self.layer_id, branch, index=index)
-        return torch.from_numpy(u < keep_prob).to(device=device, dtype=dtype)
+        mask = torch.from_numpy(u < keep_prob)
+        if torch.device(device).type == "cuda":
+            # From pageable memory a host-to-device copy waits for all queued GPU work (a sync per
+            # DropPath per step, ~50 in a base Mask R-CNN forward); from pinned memory it is queued
+            # like a kernel, and torch's caching host allocator keeps the buffer until it is done.
+            mask = mask.pin_memory().to(device, non_blocking=True)
+        return mask.to(device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, branch: int = 0) -> torch.Tensor:
         """x: (B, ...) with the samples on dim 0; returns the same shape."""

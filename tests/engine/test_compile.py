@@ -9,7 +9,7 @@ from detectron2.utils.events import EventStorage
 from torch._dynamo.testing import CompileCounter
 
 from itpn_d2.engine.compile import DEFAULT_COMPILE_MODULES, compile_modules, maybe_compile
-from tests.helpers.models import mask_rcnn_sample, tiny_mask_rcnn
+from tests.helpers.models import make_tiny_backbone, mask_rcnn_sample, tiny_mask_rcnn
 from tests.helpers.models import smooth_images, tiny_pretrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,6 +70,45 @@ def test_detector_backbone_compiles_and_trains(repo_root):
             first = counter.frame_count
             assert first > 0
     assert counter.frame_count == first
+
+
+def test_keyed_drop_path_compiles_matches_eager_and_settles():
+    """Every training run keys drop path on (seed, iteration, sample) with host-side hashing that
+    dynamo cannot trace (it raised KeyError(torch.uint64)); the masks are drawn outside the graph,
+    so a compiled backbone with drop path gives the eager features and gradients, and a new
+    iteration's key compiles nothing new."""
+    from itpn_d2.modeling.drop_path import DropPathStep, set_drop_path_step
+
+    torch.manual_seed(0)
+    eager = make_tiny_backbone(drop_path_rate=0.3).train()
+    model = copy.deepcopy(eager)
+    counter = CompileCounter()
+    assert compile_modules(model, ["net", "pyramid"], backend=counter) == ["net", "pyramid"]
+    frames = []
+    try:
+        for it in range(4):
+            set_drop_path_step(DropPathStep(seed=5, iteration=it, rank=0))
+            x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(it))
+            want, got = eager(x), model(x)
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
+            sum(f.square().mean() for f in want.values()).backward()
+            sum(f.square().mean() for f in got.values()).backward()
+            frames.append(counter.frame_count)
+    finally:
+        set_drop_path_step(None)
+    for (n, a), b in zip(eager.named_parameters(), model.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # the second step may settle a shape (dynamo's automatic dynamic shapes), later ones add nothing
+    assert frames[0] > 0 and frames[1] == frames[3], frames
+    # and the keys did drop paths: another iteration's key gives other features
+    set_drop_path_step(DropPathStep(seed=5, iteration=0, rank=0))
+    try:
+        a = eager(x)
+    finally:
+        set_drop_path_step(None)
+    assert any(not torch.equal(a[k], want[k]) for k in want)
 
 
 def test_bad_paths_are_named():

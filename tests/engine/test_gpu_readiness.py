@@ -12,6 +12,7 @@
 * the relative-position bias is contiguous, in the compute dtype, and unchanged in value;
 * masks drawn in the DataLoader workers equal the model's own, and uint8 images give the
   same losses as float ones;
+* keyed drop-path masks reach a CUDA device through pinned memory, without a blocking copy;
 * the pre-trainer, Mask R-CNN and UPerNet each train a step under bf16 autocast (what every
   stage of ``tools/gpu_check.py`` runs on CUDA): fp32 losses near the fp32 step's, a finite fp32
   gradient for every trainable parameter, the parameters still fp32.
@@ -680,3 +681,44 @@ def test_models_train_a_step_under_bf16_autocast(name):
     bad = [n for n, g in grads.items() if g.dtype != torch.float32 or not torch.isfinite(g).all()]
     assert not bad, f"non-fp32 or non-finite gradients under bf16 autocast: {bad[:5]}"
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+# ------------------------------------------------------------ drop-path masks on CUDA
+
+
+def test_keyed_drop_path_masks_reach_cuda_through_pinned_memory(monkeypatch):
+    """With a step key (every real training run) each DropPath builds its mask on the host. A
+    blocking copy from pageable memory to CUDA waits for the GPU: one sync per DropPath per step.
+    Faked on the CPU: ``pin_memory`` marks the tensor, ``.to("cuda")`` records how it was asked."""
+    from itpn_d2.modeling.drop_path import DropPath, DropPathStep, set_drop_path_step
+
+    copies = []
+    real_to = torch.Tensor.to
+
+    def fake_pin(self):
+        out = self.clone()
+        out._pinned = True
+        return out
+
+    def fake_to(self, *args, **kwargs):
+        dev = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
+        if dev is None or torch.device(dev).type != "cuda":
+            return real_to(self, *args, **kwargs)
+        if not getattr(self, "_on_cuda", False):  # a host-to-device copy
+            copies.append((getattr(self, "_pinned", False), kwargs.get("non_blocking", False)))
+        out = real_to(self, dtype=kwargs["dtype"]) if "dtype" in kwargs else self.clone()
+        out._on_cuda = True
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    dp = DropPath(0.5, layer_id=3)
+    set_drop_path_step(DropPathStep(seed=1, iteration=2, rank=0))
+    try:
+        mask = dp.keep_mask(16, torch.device("cuda"), torch.bfloat16)
+        on_cpu = dp.keep_mask(16, torch.device("cpu"), torch.bfloat16)
+    finally:
+        set_drop_path_step(None)
+    assert copies == [(True, True)], copies  # one copy, from pinned memory, asynchronous
+    assert mask.dtype == torch.bfloat16 and getattr(mask, "_on_cuda", False)
+    assert torch.equal(mask, on_cpu) and 0 < int(on_cpu.sum()) < 16  # the same decisions

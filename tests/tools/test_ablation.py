@@ -194,6 +194,31 @@ def test_default_tasks_are_the_demo_stages_with_their_own_schedules():
     assert tasks["det"].max_iter() != tasks["seg"].max_iter()
 
 
+def test_the_default_detection_task_keeps_the_pooler_the_committed_runs_had():
+    """The committed runs saved detectron2's ROIPooler in their recipe; the demo config now has
+    ROIPoolerFP32Boxes (the same in fp32). The default task pins the former, so its recipe is the
+    committed runs' and they are reused; another detection config is left as it is."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.modeling.poolers import ROIPooler
+
+    from itpn_d2.experiments.integral_ablation import saved_recipe
+    from itpn_d2.modeling import ROIPoolerFP32Boxes, hivit_arch
+    from itpn_d2.utils.checkout import REPO_ROOT
+
+    task = make_tasks(["det"])["det"]
+    recipe = saved_recipe(task.config, task.extra)
+    targets = [line.strip() for line in recipe if "_target_" in line and "Pooler" in line]
+    assert targets == ["_target_: detectron2.modeling.poolers.ROIPooler"] * 2
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(REPO_ROOT, task.config)), task.extra)
+    cfg.model.backbone.net.update(hivit_arch("tiny"))
+    heads = instantiate(cfg.model).roi_heads
+    assert type(heads.box_pooler) is ROIPooler and type(heads.mask_pooler) is ROIPooler
+    assert type(instantiate(LazyConfig.load(os.path.join(REPO_ROOT, task.config)).model).roi_heads.box_pooler) \
+        is ROIPoolerFP32Boxes
+    other = os.path.join(REPO_ROOT, "configs/COCO/mask_rcnn_itpn_base_1x.py")
+    assert make_tasks(["det"], det_config=other)["det"].extra == []
+
+
 # ---------------------------------------------------------------- commands, reuse
 
 

@@ -8,7 +8,7 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
 from itpn_d2.config.constants import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
-from itpn_d2.modeling import FeaturePyramid, HiViT, ITPNBackbone, hivit_arch
+from itpn_d2.modeling import FeaturePyramid, HiViT, ITPNBackbone, ROIPoolerFP32Boxes, hivit_arch
 
 model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
 
@@ -35,3 +35,7 @@ model.roi_heads.box_head.conv_norm = model.roi_heads.mask_head.conv_norm = "LN"
 model.proposal_generator.head.conv_dims = [-1, -1]
 model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]
 model.roi_heads.box_head.fc_dims = [1024]
+# Under AMP the poolers keep the boxes in fp32: detectron2's cast them to the features' dtype, and bf16
+# (train.amp.dtype=bfloat16) rounds coordinates to 1-px steps at 128-256 px, 4-px at 512-1024, 8-px
+# beyond (itpn_d2/modeling/roi_pooler.py). Without autocast it is detectron2's ROIPooler exactly.
+model.roi_heads.box_pooler._target_ = model.roi_heads.mask_pooler._target_ = ROIPoolerFP32Boxes
