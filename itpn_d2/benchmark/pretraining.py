@@ -65,7 +65,8 @@ def bench_pretrain(args, device, warmup, reps):
             n = 8192  # 2048^3 is too little work to fill a large GPU
         else:
             n = 2048 if native_low_precision(device, dtype) else 512  # emulated bf16: 2048^3 takes minutes
-        if on_gpu:  # ~1.5 ms a matmul: enough of them for the clocks to rise and the best to be steady
+        if on_gpu:  # a bf16 8192^3 matmul is ~1-2 ms on an H100-class card: more of them than on the CPU
+            # (a guess that the clocks settle, not measured: no GPU has run this yet), still < 1 s in fp32
             peak = matmul_rate(dtype, n=n, device=device, reps=20, warmup=10)
         else:
             peak = matmul_rate(dtype, n=n, device=device, reps=3 if args.quick else 5, warmup=1)

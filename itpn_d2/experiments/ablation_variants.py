@@ -116,6 +116,13 @@ class Task:
             raise FileNotFoundError(f"task {self.name!r}: config {self.config} not found (set {flag})")
 
 
+def _same_file(a: str, b: str) -> bool:
+    def real(p):
+        return os.path.realpath(p if os.path.isabs(p) else os.path.join(REPO_ROOT, p))
+
+    return real(a) == real(b)
+
+
 def make_tasks(names: Sequence[str], det_config: str = FINETUNE_CFG, seg_config: Optional[str] = SEG_FINETUNE_CFG,
                seg_metric: str = "sem_seg/mIoU") -> Dict[str, Task]:
     """The tasks ``names`` (of "det", "seg"), their configs checked. Raises ``ValueError`` for an
@@ -123,7 +130,7 @@ def make_tasks(names: Sequence[str], det_config: str = FINETUNE_CFG, seg_config:
     tasks = {}
     for n in names:
         if n == "det":
-            pin = FINETUNE_POOLER_PIN if det_config == FINETUNE_CFG else ()
+            pin = FINETUNE_POOLER_PIN if _same_file(det_config, FINETUNE_CFG) else ()
             tasks[n] = Task("det", det_config, {"box_AP": "bbox/AP", "mask_AP": "segm/AP"}, extra=pin)
             tasks[n].check("--det-config")
         elif n == "seg":

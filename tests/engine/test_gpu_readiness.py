@@ -669,7 +669,13 @@ def test_models_train_a_step_under_bf16_autocast(name):
         return losses, grads
 
     ref, _ = step(None)
+    linear_out = []  # autocast really on: the backbone's matmuls give bf16
+    hooks = [m.register_forward_hook(lambda m, i, o: linear_out.append(o.dtype))
+             for m in model.modules() if isinstance(m, nn.Linear)]
     low, grads = step(torch.bfloat16)
+    for h in hooks:
+        h.remove()
+    assert linear_out and set(linear_out) == {torch.bfloat16}, set(linear_out)
     assert set(low) == set(ref)
     for k, v in low.items():
         assert v.dtype == torch.float32 and torch.isfinite(v), (k, v)

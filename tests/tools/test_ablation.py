@@ -217,6 +217,9 @@ def test_the_default_detection_task_keeps_the_pooler_the_committed_runs_had():
         is ROIPoolerFP32Boxes
     other = os.path.join(REPO_ROOT, "configs/COCO/mask_rcnn_itpn_base_1x.py")
     assert make_tasks(["det"], det_config=other)["det"].extra == []
+    # the demo config named another way is the same file: pinned too
+    same = os.path.join(REPO_ROOT, "configs", ".", "COCO", "mask_rcnn_itpn_tiny_demo.py")
+    assert make_tasks(["det"], det_config=same)["det"].extra == task.extra
 
 
 # ---------------------------------------------------------------- commands, reuse

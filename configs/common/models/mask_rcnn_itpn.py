@@ -36,6 +36,6 @@ model.proposal_generator.head.conv_dims = [-1, -1]
 model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]
 model.roi_heads.box_head.fc_dims = [1024]
 # Under AMP the poolers keep the boxes in fp32: detectron2's cast them to the features' dtype, and bf16
-# (train.amp.dtype=bfloat16) rounds coordinates to 1-px steps at 128-256 px, 4-px at 512-1024, 8-px
-# beyond (itpn_d2/modeling/roi_pooler.py). Without autocast it is detectron2's ROIPooler exactly.
+# (train.amp.dtype=bfloat16) rounds coordinates to 1-px steps at 128-256 px, 2-px at 256-512, 4-px at
+# 512-1024, 8-px beyond (itpn_d2/modeling/roi_pooler.py). Without autocast it is detectron2's ROIPooler exactly.
 model.roi_heads.box_pooler._target_ = model.roi_heads.mask_pooler._target_ = ROIPoolerFP32Boxes
