@@ -178,8 +178,9 @@ def test_tasks_name_missing_configs(tmp_path):
 
 
 def test_default_tasks_are_the_demo_stages_with_their_own_schedules():
-    """By default the experiment fine-tunes as `make demo` does: both tasks, each for its
-    config's own number of iterations (no single count forced on detection and segmentation)."""
+    """By default the experiment fine-tunes as `make demo` did when it ran (the detection config
+    frozen at that recipe, below): both tasks, each for its config's own number of iterations (no
+    single count forced on detection and segmentation)."""
     from detectron2.config import LazyConfig
 
     from itpn_d2.experiments import AblationOptions
@@ -188,38 +189,47 @@ def test_default_tasks_are_the_demo_stages_with_their_own_schedules():
     options = AblationOptions()
     assert options.finetune_iters is None and tuple(options.tasks) == ("det", "seg")
     tasks = make_tasks(options.tasks, options.det_config, options.seg_config)
-    for name, cfg in (("det", "configs/COCO/mask_rcnn_itpn_tiny_demo.py"), ("seg", "configs/ADE20K/uper_itpn_tiny_demo.py")):
+    for name, cfg in (("det", "configs/COCO/mask_rcnn_itpn_tiny_ablation.py"), ("seg", "configs/ADE20K/uper_itpn_tiny_demo.py")):
         assert tasks[name].config == cfg
         assert tasks[name].max_iter() == LazyConfig.load(os.path.join(REPO_ROOT, cfg)).train.max_iter
     assert tasks["det"].max_iter() != tasks["seg"].max_iter()
 
 
-def test_the_default_detection_task_keeps_the_pooler_the_committed_runs_had():
-    """The committed runs saved detectron2's ROIPooler in their recipe; the demo config now has
-    ROIPoolerFP32Boxes (the same in fp32). The default task pins the former, so its recipe is the
-    committed runs' and they are reused; another detection config is left as it is."""
+@pytest.mark.parametrize("task", ["det", "seg"])
+def test_the_default_tasks_give_the_recipes_the_committed_runs_saved(task):
+    """docs/ablation/recipes/ holds what the committed runs saved (their config.yaml outside
+    ``train:``); the tool reuses a run only when the task's config gives the same, so a config
+    edited since would make the committed results unreproducible (and the tool refuse them)."""
+    from itpn_d2.experiments.integral_ablation import saved_recipe
+    from itpn_d2.utils.checkout import REPO_ROOT
+
+    t = make_tasks(["det", "seg"])[task]
+    with open(os.path.join(REPO_ROOT, "docs", "ablation", "recipes", f"{task}.yaml")) as f:
+        committed = f.read().splitlines()
+    assert saved_recipe(t.config, t.extra) == committed
+
+
+def test_the_ablation_detection_config_is_the_demo_as_it_was():
+    """The frozen detection config differs from the demo's only where the demo moved on."""
     from detectron2.config import LazyConfig, instantiate
     from detectron2.modeling.poolers import ROIPooler
 
-    from itpn_d2.experiments.integral_ablation import saved_recipe
     from itpn_d2.modeling import ROIPoolerFP32Boxes, hivit_arch
     from itpn_d2.utils.checkout import REPO_ROOT
 
-    task = make_tasks(["det"])["det"]
-    recipe = saved_recipe(task.config, task.extra)
-    targets = [line.strip() for line in recipe if "_target_" in line and "Pooler" in line]
-    assert targets == ["_target_: detectron2.modeling.poolers.ROIPooler"] * 2
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(REPO_ROOT, task.config)), task.extra)
-    cfg.model.backbone.net.update(hivit_arch("tiny"))
-    heads = instantiate(cfg.model).roi_heads
-    assert type(heads.box_pooler) is ROIPooler and type(heads.mask_pooler) is ROIPooler
-    assert type(instantiate(LazyConfig.load(os.path.join(REPO_ROOT, task.config)).model).roi_heads.box_pooler) \
-        is ROIPoolerFP32Boxes
-    other = os.path.join(REPO_ROOT, "configs/COCO/mask_rcnn_itpn_base_1x.py")
-    assert make_tasks(["det"], det_config=other)["det"].extra == []
-    # the demo config named another way is the same file: pinned too
-    same = os.path.join(REPO_ROOT, "configs", ".", "COCO", "mask_rcnn_itpn_tiny_demo.py")
-    assert make_tasks(["det"], det_config=same)["det"].extra == task.extra
+    frozen = LazyConfig.load(os.path.join(REPO_ROOT, make_tasks(["det"])["det"].config))
+    demo = LazyConfig.load(os.path.join(REPO_ROOT, "configs/COCO/mask_rcnn_itpn_tiny_demo.py"))
+    assert frozen.train.max_iter == 1000 and frozen.lr_multiplier.scheduler.milestones == [800, 930]
+    assert tuple(frozen.model.proposal_generator.post_nms_topk) == (500, 200)
+    for cfg, pooler in ((frozen, ROIPooler), (demo, ROIPoolerFP32Boxes)):
+        cfg.model.backbone.net.update(hivit_arch("tiny"))
+        assert type(instantiate(cfg.model).roi_heads.box_pooler) is pooler
+    for c in (frozen, demo):
+        c.model.roi_heads.box_pooler._target_ = c.model.roi_heads.mask_pooler._target_ = ROIPooler
+        c.train.max_iter = c.train.eval_period = 0
+        c.lr_multiplier = None
+        c.model.proposal_generator.pre_nms_topk = c.model.proposal_generator.post_nms_topk = None
+    assert LazyConfig.to_py(frozen) == LazyConfig.to_py(demo)
 
 
 # ---------------------------------------------------------------- commands, reuse
@@ -362,7 +372,7 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
             n = int(opts["train.max_iter"])
             base = {"encoder_only": 2.0}.get(opts["train.backbone_load"], 0.0) + seed
             base += 3.0 if opts["train.init_checkpoint"] else 0.0
-            det = cfg.endswith("tiny_demo.py")
+            det = "COCO" in cfg
             key = {"bbox/AP": base, "segm/AP": base - 1} if det else {"sem_seg/mIoU": 20 + base}
             rows = [{"iteration": 9, "total_loss": 2.0}, {"iteration": n // 2 - 1, **key}, {"iteration": n - 1, **key}]
         with open(os.path.join(out, "metrics.json"), "w") as f:
