@@ -17,6 +17,10 @@ What differs from the full recipe, for time: the images at the detection demo's 
 (it would be new, zero tables on top of the tiny pixel checkpoint; the ADE20K configs have it), and
 a higher lr for a run of a few hundred iterations (3e-5 at 16 images is for 160k).
 
+``make demo`` runs it for 150 of its 300 iterations (``train.max_iter=150``; the poly schedule and warm-up
+follow), leaving the minutes to detection (docs/main_job.md, "How the 15 minutes are spent"); the integral
+ablation ran all 300.
+
 Status: with ENet's class weights (below) the stage segments background and, in part, circle, ring and
 cross; rectangle, star and triangle hardly. Unweighted, it learnt background against foreground and
 called every foreground pixel "circle" (the commonest shape) for the first ~600 iterations; per-pixel
