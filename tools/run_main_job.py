@@ -36,9 +36,9 @@ SEG_CFG = "configs/ADE20K/uper_itpn_tiny_demo.py"
 # The 15 minutes go to detection first: its AP comes from the iterations at the full lr, and climbs
 # steeply past ~1000 of them (configs/COCO/mask_rcnn_itpn_tiny_demo.py), so the demo shortens the UPerNet
 # stage below its config's 300 iterations (which the integral ablation ran) to make room; its poly
-# schedule and warm-up follow train.max_iter. A shorter pre-training cost more detection AP (300 iterations: 30.1 instead of 35.9)
-# than a shorter segmentation stage costs mIoU (150 iterations: 16.4 instead of 19.0), one seed each
-# (docs/main_job.md, "How the 15 minutes are spent").
+# schedule and warm-up follow train.max_iter. A shorter pre-training cost more detection AP (300
+# iterations: 30.1 instead of 35.9) than a shorter segmentation stage costs mIoU (150 iterations: 16.4
+# instead of 19.0), one seed each (docs/main_job.md, "How the 15 minutes are spent").
 DEMO_SEG_ITERS = 150
 
 
@@ -60,7 +60,7 @@ def run_job(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="a few iterations per stage and a small dataset (tests)")
     p.add_argument("--pretrain-iters", type=int, default=None, help="pre-training iterations (default: the config's)")
     p.add_argument("--finetune-iters", type=int, default=None,
-                   help="Mask R-CNN iterations (default: the config's); its lr steps stay at 80%% and 93%%")
+                   help="Mask R-CNN iterations (default: the config's); its lr steps keep their fractions of the run")
     p.add_argument("--seg-iters", type=int, default=None,
                    help=f"UPerNet fine-tuning iterations (default {DEMO_SEG_ITERS}; the config's: 300)")
     p.add_argument("--num-demo-images", type=int, default=4)

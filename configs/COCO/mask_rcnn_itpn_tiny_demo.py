@@ -16,7 +16,7 @@ convs (as detectron2's R50-FPN; 1.15x the steps per second), lr 2e-3 (3e-3 fell 
 gave 15), and half the training proposals (1.05-1.08x the steps per second; box / mask AP 32.0 / 37.7
 against 35.9 / 37.2 with all of them, one seed). The shapes are told apart during the iterations at
 the full lr (one process, seed 0, lr steps at 80% and 93%: box AP 23.6 after 1000 iterations, 24.7
-after 1200, 35.9 after 1400; `make demo` gave 37.3 after 1400 but took 15.7 minutes), so the demo runs
+after 1200, 35.9 after 1400; `make demo` gave 37.3 after 1400 but took 15.5 minutes), so the demo runs
 1200 iterations with the steps late, at 93% and 98%: 1116 at the full lr, as many as 1400 had.
 
 The integral ablation keeps the 1000-iteration recipe it ran with: ``mask_rcnn_itpn_tiny_ablation.py``.
