@@ -67,8 +67,8 @@ def bench_pretrain(args, device, warmup, reps):
             n = 2048 if native_low_precision(device, dtype) else 512  # emulated bf16: 2048^3 takes minutes
         # a bf16 8192^3 matmul is ~1-2 ms on an H100-class card: more of them than on the CPU (a guess
         # that the clocks settle, not measured: no GPU has run this yet), still < 1 s in fp32
-        reps, warmup = (20, 10) if on_gpu else (3 if args.quick else 5, 1)
-        peak = matmul_rate(dtype, n=n, device=device, reps=reps, warmup=warmup)
+        mm_reps, mm_warmup = (20, 10) if on_gpu else (3 if args.quick else 5, 1)
+        peak = matmul_rate(dtype, n=n, device=device, reps=mm_reps, warmup=mm_warmup)
         print(f"[pretrain] matmul {n}x{n} {dname}: {peak:.1f} GFLOP/s")
         card = None
         if on_gpu and dtype != torch.float32:
