@@ -29,8 +29,9 @@ sizes (short side 800 -> 800x1216 padded, and 1024x1024).
 
 Fine-tuning (``--what finetune``): images/s of the fine-tuning training step exactly as the
 training script runs it, for each config of ``--finetune-configs`` (default: the demo's tiny
-Mask R-CNN and UPerNet): the config's own loader on its built-in data, ``build_trainer``, its
-optimizer; ``--profile DIR`` writes torch.profiler's table of a few steps per config.
+Mask R-CNN, its UPerNet head on a frozen backbone, and UPerNet fine-tuned whole): the config's
+own loader on its built-in data, ``build_trainer``, its optimizer; ``--profile DIR`` writes
+torch.profiler's table of a few steps per config.
 
 Optimizers: each side's own recipe (``--optimizer recipe``, default): ours from the
 pre-training config (``--opts optimizer.fused=True`` for the fused AdamW kernel), the
@@ -99,7 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--det-config", default=DEFAULTS.det_config, help="detection LazyConfig")
     p.add_argument("--finetune-configs", default=DEFAULTS.finetune_configs,
                    help="--what finetune: comma list of fine-tuning configs whose real training step is timed "
-                        "on their own (built-in) data (default: the demo's Mask R-CNN and UPerNet)")
+                        "on their own (built-in) data (default: the demo's Mask R-CNN, its frozen-backbone UPerNet, "
+                        "and UPerNet fine-tuned whole)")
     p.add_argument("--arch", default=DEFAULTS.arch,
                    help="override model.backbone.net with hivit_arch(SIZE[,LAYOUT]), e.g. 'tiny' or 'base,official'")
     p.add_argument("--batch", type=int, default=DEFAULTS.batch,

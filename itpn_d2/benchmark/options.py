@@ -31,7 +31,10 @@ class BenchmarkOptions:
     what: str = "pretrain"
     config: str = "configs/pretrain/mim_itpn_base_mmpretrain_800ep.py"
     det_config: str = "configs/COCO/mask_rcnn_itpn_base_1x.py"
-    finetune_configs: str = "configs/COCO/mask_rcnn_itpn_tiny_demo.py,configs/ADE20K/uper_itpn_tiny_demo.py"
+    finetune_configs: str = (
+        "configs/COCO/mask_rcnn_itpn_tiny_demo.py,configs/ADE20K/uper_itpn_tiny_demo_frozen.py,"
+        "configs/ADE20K/uper_itpn_tiny_demo.py"
+    )
     arch: Optional[str] = None
     batch: Optional[int] = None
     workers: int = 2

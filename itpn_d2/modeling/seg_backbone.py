@@ -42,6 +42,7 @@ def ITPNSegBackbone(
     out_features: Sequence[str] = SEG_OUT_FEATURES,
     square_pad: int = 0,
     rel_pos_grid: Optional[int] = None,
+    frozen: bool = False,
 ) -> ITPNBackbone:
     """The segmentation backbone: any of ``p2..p5`` (pyramid, ``pyramid.out_dim`` channels) and
     ``c2..c5`` (encoder: C/4, C/2, C, C channels) at strides 4, 8, 16, 32. ``p5``/``c5`` are
@@ -55,6 +56,9 @@ def ITPNSegBackbone(
     config that sets this lists them in ``train.new_by_design_keys`` so strict loading accepts
     exactly them (``itpn_d2.checkpoint``). Starting from zero, the bias is the identity of
     attention until fine-tuning learns it.
+
+    ``frozen=True``: a fixed feature extractor (``ITPNBackbone``'s ``frozen``), e.g. to train the
+    UPerNet head on a detector's fine-tuned encoder and pyramid.
     """
     backbone = ITPNBackbone(
         net=net, pyramid=pyramid, out_features=out_features, square_pad=square_pad, pool="max", **_SEG_MAPS
@@ -65,7 +69,7 @@ def ITPNSegBackbone(
         if int(rel_pos_grid) < 1:
             raise ValueError(f"ITPNSegBackbone rel_pos_grid must be a positive grid size, got {rel_pos_grid}")
         net.zero_rel_pos_tables(int(rel_pos_grid))
-    return backbone
+    return backbone.freeze() if frozen else backbone  # after the tables: frozen with the rest
 
 
 def itpn_seg_output_shape(

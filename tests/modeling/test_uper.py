@@ -360,3 +360,45 @@ def test_segmentation_run_skips_and_counts_unreadable_samples(tmp_path):
     assert m[4]["skipped_images_total"] > 0 and sum(m[i]["skipped_images"] for i in m) == m[4]["skipped_images_total"]
     log = (out / "log.txt").read_text() + r.stderr
     assert "bad_image.jpg" in log or "bad_label.png" in log or "small_label.png" in log
+
+
+def test_frozen_backbone_trains_only_the_head():
+    """``model.backbone.frozen=True``: a training step of the real config's optimizer changes
+    every head tensor and no backbone tensor (the relative position tables made after the
+    constructor included); the backbone stays in eval mode (no drop path) after
+    ``model.train()``, and its maps equal the unfrozen backbone's in eval mode and carry no
+    autograd graph."""
+    from itpn_d2.lr_decay import layer_decay_param_groups
+
+    cfg = tiny_uper_cfg()
+    cfg.model.backbone.net.drop_path_rate = 0.5  # would change the maps if it ran
+    cfg.model.backbone.net.rel_pos = True
+    cfg.model.backbone.rel_pos_grid = 8
+    torch.manual_seed(0)
+    reference = instantiate(cfg.model).eval()
+    cfg.model.backbone.frozen = True
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    model.train()
+    assert model.training and model.sem_seg_head.training
+    assert not model.backbone.training and not model.backbone.net.training
+    assert any("relative_position_bias_table" in n for n, _ in model.backbone.named_parameters())
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+
+    x = torch.randn(1, 3, 64, 64)
+    maps = model.backbone(x)
+    with torch.no_grad():
+        expected = reference.backbone(x)
+    for k in expected:
+        assert not maps[k].requires_grad, k
+        torch.testing.assert_close(maps[k], expected[k], rtol=0, atol=0)
+
+    groups = layer_decay_param_groups(model, base_lr=1e-2, weight_decay=0.05, lr_factor_func=lambda n: 1.0)
+    optimizer = torch.optim.AdamW(groups)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sum(model(_inputs()).values()).backward()
+    optimizer.step()
+    after = model.state_dict()
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], after[name])
+        assert changed == name.startswith("sem_seg_head."), name

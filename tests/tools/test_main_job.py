@@ -7,6 +7,9 @@ import sys
 
 import cv2
 import pytest
+import torch
+
+from itpn_d2.checkpoint.safe_load import load_checkpoint_file
 
 
 @pytest.mark.slow
@@ -21,7 +24,7 @@ def test_main_job_quick(tmp_path, repo_root):
     # each stage is printed as a plain command a user can re-run
     assert "tools/lazyconfig_train_net.py --config-file configs/pretrain/mim_mfm_itpn_tiny_cpu.py" in r.stdout
     assert "--config-file configs/COCO/mask_rcnn_itpn_tiny_demo.py" in r.stdout
-    assert "--config-file configs/ADE20K/uper_itpn_tiny_demo.py" in r.stdout
+    assert "--config-file configs/ADE20K/uper_itpn_tiny_demo_frozen.py" in r.stdout
 
     summary = json.loads((out / "summary.json").read_text())
     assert os.path.isfile(summary["pretrain_checkpoint"]) and os.path.isfile(summary["finetune_checkpoint"])
@@ -34,9 +37,18 @@ def test_main_job_quick(tmp_path, repo_root):
     # the fine-tuning log says the whole pre-trained backbone (encoder AND pyramid) was loaded
     ft_log = (out / "finetune.log").read_text()
     assert "pyramid tensors" in ft_log and " 0 backbone tensors re-initialised" in ft_log, ft_log[-2000:]
-    seg_log = (out / "segmentation.log").read_text()  # same for UPerNet (no table new by design here)
+    # UPerNet loads the detector's encoder and pyramid (no table new by design here), and trains its
+    # head on them frozen: its checkpoint holds them unchanged
+    seg_log = (out / "segmentation.log").read_text()
+    assert f"Loaded {summary['finetune_checkpoint']}: " in seg_log, seg_log[-2000:]
     assert "pyramid tensors" in seg_log and " 0 backbone tensors re-initialised" in seg_log, seg_log[-2000:]
     assert os.path.isfile(summary["segmentation_checkpoint"])
+    det, seg = (load_checkpoint_file(summary[k])["model"]
+                for k in ("finetune_checkpoint", "segmentation_checkpoint"))
+    seg_backbone = {k: v for k, v in seg.items() if k.startswith("backbone.")}
+    assert any(k.startswith("backbone.pyramid.") for k in seg_backbone)
+    for k, v in seg_backbone.items():
+        assert torch.equal(v, det[k]), k
     # every training run writes TensorBoard event files next to its metrics.json
     for ckpt in (summary["pretrain_checkpoint"], summary["finetune_checkpoint"], summary["segmentation_checkpoint"]):
         assert glob.glob(os.path.join(os.path.dirname(ckpt), "events.out.tfevents.*")), ckpt
