@@ -36,12 +36,6 @@ from itpn_d2.utils.job_stages import StageFailedError, available_cores, run_stag
 PRETRAIN_CFG = "configs/pretrain/mim_mfm_itpn_tiny_cpu.py"
 FINETUNE_CFG = "configs/COCO/mask_rcnn_itpn_tiny_demo.py"
 SEG_CFG = "configs/ADE20K/uper_itpn_tiny_demo_frozen.py"
-# The 15 minutes go to detection first: its AP comes from the iterations at the full lr, and climbs
-# steeply past ~1000 of them (configs/COCO/mask_rcnn_itpn_tiny_demo.py). The segmentation stage then
-# trains UPerNet's head on the detector's frozen encoder and pyramid, which already tell the shapes
-# apart: 300 head-only iterations cost what 150 fine-tuning ones from the pre-training did, for mIoU
-# 26.3 instead of 15.0 (configs/ADE20K/uper_itpn_tiny_demo_frozen.py; docs/main_job.md). A demo
-# choice: the paper fine-tunes each task from the pre-training, as the ADE20K configs and the ablation do.
 
 
 def _stage(title: str, cmd, log_path: str) -> float:
@@ -115,6 +109,12 @@ def run_job(argv=None) -> None:
         os.path.join(out, "finetune.log"))
     ft_ckpt = os.path.join(ft_dir, "model_final.pth")
 
+    # The 15 minutes go to detection first: its AP comes from the iterations at the full lr, and climbs
+    # steeply past ~1000 of them (configs/COCO/mask_rcnn_itpn_tiny_demo.py). This stage then trains
+    # UPerNet's head on the detector's frozen encoder and pyramid, which already tell the shapes apart:
+    # 300 head-only iterations cost what 150 fine-tuning ones from the pre-training did, for mIoU 26.3
+    # instead of 15.0 (configs/ADE20K/uper_itpn_tiny_demo_frozen.py; docs/main_job.md). A demo choice:
+    # the paper fine-tunes each task from the pre-training, as the ADE20K configs and the ablation do.
     # One process (two threads): a UPerNet step at 144-176 px is small enough that a second process
     # adds start-up and gloo overhead and no speed (80 fine-tuning iterations and the evaluation, on
     # the idle 2-core EPYC, 2026-11-30: 58 s as one process, 74 s as two; docs/main_job.md).

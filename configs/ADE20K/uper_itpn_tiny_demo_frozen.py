@@ -5,14 +5,15 @@ segmentation stage of ``make demo``.
         train.init_checkpoint=output/demo/finetune/model_final.pth
 
 ``uper_itpn_tiny_demo.py`` (the segmenter fine-tuned from the pre-training, as the release's recipe
-does, and the integral ablation's segmentation task) with three changes:
+does, and the integral ablation's segmentation task), used differently:
 
-* ``train.init_checkpoint`` is the demo's **Mask R-CNN** checkpoint. Its ``backbone.net.*`` and
-  ``backbone.pyramid.*`` tensors have the same names and shapes as the segmenter's (one pyramid
-  module serves both tasks), so they load strictly; the detector's heads are dropped.
-* ``model.backbone.frozen = True``: the encoder and pyramid are a fixed feature extractor (eval
-  mode, no gradients), and only the UPerNet head trains, at a head's lr.
-* the whole 300 iterations of its schedule, which cost about what 150 fine-tuning ones did.
+* the weights to start from (``train.init_checkpoint``, given by ``make demo``) are the demo's
+  **Mask R-CNN** checkpoint. Its ``backbone.net.*`` and ``backbone.pyramid.*`` tensors have the same
+  names and shapes as the segmenter's (one pyramid module serves both tasks), so they load strictly;
+  the detector's heads are dropped;
+* ``model.backbone.frozen = True`` (this file): the encoder and pyramid are a fixed feature extractor
+  (eval mode, no gradients), and only the UPerNet head trains, at a head's lr (this file: 1.2e-2);
+* the base config's 300 iterations then cost about what 150 fine-tuning ones did.
 
 Why: in the demo's minutes the segmenter learns *which* shape a pixel belongs to only slowly (mIoU
 15-19 after 150-300 iterations from the pre-training; ``uper_itpn_tiny_demo.py``), while the detector,
@@ -48,6 +49,6 @@ before; 450 iterations would add about 50 s, which the 15 minutes do not have.
 """
 from .uper_itpn_tiny_demo import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401
 
-model.backbone.frozen = True  # the 300 iterations are the base config's
+model.backbone.frozen = True
 # the head alone trains, from scratch: 2e-3 / 6e-3 / 1.2e-2 gave 25.9 / 24.7 / 26.8 (one run each)
 optimizer.lr = 1.2e-2

@@ -1,6 +1,7 @@
 """``--what finetune``: images/s of the fine-tuning training step exactly as the training script
 runs it: the config's own loader on its own (built-in) dataset, ``build_trainer``, the config's
-optimizer. The demo's Mask R-CNN and UPerNet configs by default, so a change to the demo's
+optimizer. The demo's Mask R-CNN, its UPerNet head on a frozen backbone and UPerNet fine-tuned
+whole by default, so a change to the demo's
 fine-tuning speed shows as a before/after ratio of these figures; ``--profile DIR`` adds
 torch.profiler's table of a few steps per config (where the time goes)."""
 import os

@@ -149,6 +149,7 @@ def do_train(args, cfg) -> None:
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    log_frozen_backbone(model, loaded=bool(cfg.train.init_checkpoint) or start_iter > 0)
     if start_iter >= cfg.train.max_iter:
         finish_completed_run(cfg, model, checkpointer, start_iter)
         return
@@ -163,6 +164,22 @@ def do_train(args, cfg) -> None:
     elif start_iter > 0:
         logger.info("The training data loader restarts its stream on resume (not a resumable loader)")
     trainer.train(start_iter, cfg.train.max_iter)
+
+
+def log_frozen_backbone(model, *, loaded: bool) -> None:
+    """Say in the log that the backbone is frozen (``model.backbone.frozen=True``) and how many of its
+    parameters the optimizer leaves out, and warn when its weights came from no file: a head would then
+    train on the features of a random backbone."""
+    backbone = getattr(getattr(model, "module", model), "backbone", None)  # through DDP
+    if not getattr(backbone, "frozen", False):
+        return
+    n = sum(p.numel() for p in backbone.parameters())
+    logger.info(f"The backbone is frozen: its {n:,} parameters do not train (eval mode, no gradients)")
+    if not loaded:
+        logger.warning(
+            "The backbone is frozen but train.init_checkpoint is empty: the head trains on a randomly "
+            "initialised backbone. Pass the fine-tuned checkpoint, e.g. train.init_checkpoint=<model_final.pth>."
+        )
 
 
 def finish_completed_run(cfg, model, checkpointer, start_iter: int) -> None:

@@ -111,11 +111,12 @@ class ITPNBackbone(Backbone):
             pooled_levels: how many levels past p4 there are (2: p5, p6).
             encoder_maps: also offer the encoder's maps ``c2..`` (segmentation concatenates
                 them with the pyramid's).
-            frozen: a fixed feature extractor: no parameter of ``net`` or ``pyramid`` trains
-                (the optimizer's param groups and DDP leave them out), both stay in eval mode
-                (no drop path) and :meth:`forward` keeps no autograd graph, so a training step
-                costs the heads' forward and backward plus this forward. For training a head on
-                features that are already fine-tuned (``make demo``'s UPerNet on its detector's).
+            frozen: a fixed feature extractor (:meth:`freeze`, one-way): no parameter of ``net``
+                or ``pyramid`` trains (the optimizer's param groups and DDP leave them out), and
+                both stay in eval mode (no drop path), so a training step costs the heads'
+                forward and backward plus this forward (no autograd graph is built here for
+                images). For training a head on features that are already fine-tuned
+                (``make demo``'s UPerNet on its detector's).
         """
         super().__init__()
         if pool not in _POOLS:
@@ -148,19 +149,25 @@ class ITPNBackbone(Backbone):
         self._square_pad = square_pad
         # A pooled level is exact only if the padded input is a multiple of its stride.
         self._size_divisibility = max(max(self._out_feature_strides.values()), UNIT_SIZE)
-        self.frozen = False
+        self._frozen = False
         if frozen:
             self.freeze()
 
+    @property
+    def frozen(self) -> bool:
+        """Whether :meth:`freeze` was called (read-only: freezing is one-way)."""
+        return self._frozen
+
     def freeze(self) -> "ITPNBackbone":
         """Make this a fixed feature extractor (the ``frozen`` argument); returns ``self``."""
-        self.frozen = True
+        self._frozen = True
         self.requires_grad_(False)
-        return self.train(False)
+        self.eval()
+        return self
 
     def train(self, mode: bool = True):
         """``nn.Module.train``; a frozen backbone stays in eval mode whatever the model's mode."""
-        return super().train(mode and not getattr(self, "frozen", False))
+        return super().train(mode and not self._frozen)
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
@@ -210,8 +217,7 @@ class ITPNBackbone(Backbone):
         """(B, 3, H, W) -> {name: (B, channels, H/stride, W/stride)}; H, W multiples of 16
         (of the largest stride for the pooled levels)."""
         grid = (x.shape[-2] // UNIT_SIZE, x.shape[-1] // UNIT_SIZE)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            units = self.forward_units(x, with_pyramid=self._with_pyramid)
+        units = self.forward_units(x, with_pyramid=self._with_pyramid)
         maps = {}
         if self._with_pyramid:
             maps.update({lv.name: units_to_map(p, grid) for lv, p in zip(PYRAMID_LEVELS, units.pyramid)})

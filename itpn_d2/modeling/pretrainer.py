@@ -158,6 +158,11 @@ class MaskedPretrainer(nn.Module):
             )
         if mfm_warmup_iters < 0:
             raise ValueError(f"MaskedPretrainer.mfm_warmup_iters must be >= 0, got {mfm_warmup_iters}")
+        if getattr(backbone, "frozen", False):
+            raise ValueError(
+                "MaskedPretrainer: the backbone is frozen (model.backbone.frozen=True), so pre-training would "
+                "train nothing of it; a frozen backbone is for training heads on fine-tuned features"
+            )
         if not use_pyramid:
             if mfm_decoder is not None:
                 raise ValueError("MaskedPretrainer: use_pyramid=False (backbone only) cannot have an mfm_decoder")

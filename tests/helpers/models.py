@@ -50,9 +50,11 @@ def mask_rcnn_sample(h, w, n=2):
 
 
 def tiny_pretrainer(*, mim="fused", mfm=True, mask="random", momentum=0.99, max_iter=0, fpn_depth=2, seed=0,
-                    targets="encoder", target_norm="batch_token", mfm_warmup_iters=0):
+                    targets="encoder", target_norm="batch_token", mfm_warmup_iters=0, frozen_backbone=False):
     torch.manual_seed(seed)
     backbone = make_tiny_backbone(fpn_depth=fpn_depth, out_dim=D, pretrain_img_size=IMG)
+    if frozen_backbone:
+        backbone.freeze()
     if mim == "fused":
         pix = PixelDecoder(in_dim=D, dec_dim=64, depth=1, num_heads=4, pretrain_img_size=IMG)
     elif mim == "levels":

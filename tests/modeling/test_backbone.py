@@ -8,7 +8,7 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
 
 from tests.helpers.models import make_tiny_backbone, mask_rcnn_sample, tiny_mask_rcnn
-from itpn_d2.modeling import HIVIT_ARCHS, HiViT, hivit_arch
+from itpn_d2.modeling import HIVIT_ARCHS, HiViT, ITPNBackbone, hivit_arch
 
 
 @pytest.mark.parametrize("hw", [(224, 224), (320, 480), (800, 1216)])
@@ -200,3 +200,38 @@ def test_layer_scale_on_stem_mlp_blocks_as_in_official_clip_checkpoints():
         blk.gamma_2.zero_()
         x = torch.randn(2, 3, 4, 4, blk.norm2.normalized_shape[0])
         assert torch.equal(blk(x), x)
+
+
+def test_frozen_backbone_is_a_fixed_feature_extractor(caplog):
+    """``ITPNBackbone(frozen=True)`` (the detection backbone's constructor path): no parameter
+    trains, eval mode survives ``train()``, freezing is one-way, and a training run says so in
+    its log, warning when no checkpoint gave the frozen weights."""
+    import logging
+
+    from itpn_d2.engine.lazyconfig_run import log_frozen_backbone
+
+    torch.manual_seed(0)
+    b = make_tiny_backbone(drop_path_rate=0.5)
+    frozen = ITPNBackbone(net=b.net, pyramid=b.pyramid, frozen=True)
+    assert frozen.frozen and not any(p.requires_grad for p in frozen.parameters())
+    frozen.train()
+    assert not frozen.training and not any(m.training for m in frozen.modules())
+    with pytest.raises(AttributeError):
+        frozen.frozen = False
+    x = torch.randn(1, 3, 64, 64)
+    first, second = frozen(x), frozen(x)  # no drop path: the same maps twice
+    for k in first:
+        assert torch.equal(first[k], second[k]) and not first[k].requires_grad, k
+
+    model = torch.nn.Module()
+    model.backbone = frozen
+    with caplog.at_level(logging.INFO, logger="itpn_d2"):
+        log_frozen_backbone(model, loaded=True)
+        assert "The backbone is frozen" in caplog.text and "randomly initialised" not in caplog.text
+        log_frozen_backbone(model, loaded=False)
+        assert "randomly initialised" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="itpn_d2"):
+        model.backbone = make_tiny_backbone()
+        log_frozen_backbone(model, loaded=False)
+    assert "frozen" not in caplog.text

@@ -363,7 +363,7 @@ def test_segmentation_run_skips_and_counts_unreadable_samples(tmp_path):
 
 
 def test_frozen_backbone_trains_only_the_head():
-    """``model.backbone.frozen=True``: a training step of the real config's optimizer changes
+    """``model.backbone.frozen=True``: a training step over the layer-decay param groups changes
     every head tensor and no backbone tensor (the relative position tables made after the
     constructor included); the backbone stays in eval mode (no drop path) after
     ``model.train()``, and its maps equal the unfrozen backbone's in eval mode and carry no
@@ -402,3 +402,16 @@ def test_frozen_backbone_trains_only_the_head():
     for name, p in model.named_parameters():
         changed = not torch.equal(before[name], after[name])
         assert changed == name.startswith("sem_seg_head."), name
+
+
+def test_the_frozen_demo_config_trains_the_head_alone():
+    """configs/ADE20K/uper_itpn_tiny_demo_frozen.py (``make demo``'s segmentation stage): the
+    backbone is frozen, and the config's own optimizer holds exactly the head's parameters."""
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/ADE20K/uper_itpn_tiny_demo_frozen.py"))
+    model = instantiate(cfg.model)
+    assert model.backbone.frozen
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    head = {id(p) for p in model.sem_seg_head.parameters()}
+    assert held == head

@@ -11,7 +11,7 @@ from tests.helpers import REPO_ROOT
 
 
 @pytest.mark.slow
-def test_finetune_part_times_both_demo_configs_and_profiles(tmp_path):
+def test_finetune_part_times_the_demo_configs_and_profiles(tmp_path):
     # Small generated data where the built-in datasets look for it: registration adopts its manifest.
     root = tmp_path / "synthetic"
     ensure_synthetic(str(root), SyntheticSpec(num_train=8, num_val=2, num_unlabeled=0, image_size=64, image_format="png"))

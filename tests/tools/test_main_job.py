@@ -47,6 +47,7 @@ def test_main_job_quick(tmp_path, repo_root):
                 for k in ("finetune_checkpoint", "segmentation_checkpoint"))
     seg_backbone = {k: v for k, v in seg.items() if k.startswith("backbone.")}
     assert any(k.startswith("backbone.pyramid.") for k in seg_backbone)
+    assert any(k.startswith("backbone.net.") for k in seg_backbone)
     for k, v in seg_backbone.items():
         assert torch.equal(v, det[k]), k
     # every training run writes TensorBoard event files next to its metrics.json
