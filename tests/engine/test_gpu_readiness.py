@@ -256,8 +256,11 @@ def test_grad_accumulation_with_the_pretrainer_and_ema_teacher():
     sb, ss = big.state_dict(), small.state_dict()
     assert any(not torch.equal(sb[n], v) for n, v in tiny_pretrainer(mim="fused", mfm=True).state_dict().items()
                if n.startswith("teacher."))
+    # atol 1e-5: AdamW divides by the root of each gradient's second moment, so float rounding in a
+    # near-zero gradient comes out in the update (up to 3.6e-6 in the prediction layers on an Intel
+    # Xeon, under 2e-6 on an AMD EPYC); a teacher moved per batch instead of per step would be ~1e-4 off.
     for n in sb:
-        assert torch.allclose(sb[n], ss[n], atol=2e-6, rtol=1e-4), (n, (sb[n] - ss[n]).abs().max())
+        assert torch.allclose(sb[n], ss[n], atol=1e-5, rtol=1e-4), (n, (sb[n] - ss[n]).abs().max())
 
 
 # ------------------------------------------------------------------ 9: device syncs
