@@ -342,7 +342,8 @@ class ITPNCheckpointer(DetectionCheckpointer):
             )
         if dropped:
             self.logger.info(
-                f"Dropped {len(dropped)} checkpoint tensors this model does not use (pre-training only): "
+                f"Dropped {len(dropped)} checkpoint tensors this model does not have (outside its backbone: "
+                "pre-training decoders and teacher, or another task's heads): "
                 + ", ".join(f"{p} ({n})" for p, n in _group_by_prefix(dropped).items())
             )
         return incompatible
