@@ -44,8 +44,9 @@ the same, lr 1.2e-2, 450 iterations (*)                                  450    
 
 Per class (this file): background 97, ring 38, circle 25, cross 8, rectangle 7, star 7, triangle 3;
 the pre-training route (15.0): background 86, circle 10, ring 9, under 0.4 for the rest. The 105 s
-(idle machine: training, evaluation and start-up) equal the 150 fine-tuning iterations' of the stage
-before; 450 iterations would add about 50 s, which the 15 minutes do not have.
+(idle machine: training, evaluation and start-up) equal what the stage before took for its 150
+fine-tuning iterations in a ``make demo`` that day; 450 iterations would add about 50 s, which the 15
+minutes do not have.
 """
 from .uper_itpn_tiny_demo import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401
 
