@@ -165,6 +165,26 @@ def test_inference_returns_logits_at_input_size(hw):
         assert model(inp)[0]["sem_seg"].shape == (NUM_CLASSES, 50, 70)
 
 
+@pytest.mark.parametrize("hw", [(96, 128), (100, 120)])
+def test_a_stride_8_head_predicts_at_input_size_and_trains(hw):
+    """A head whose finest level is p3 (``make demo``'s frozen segmentation stage): its logits are
+    at 1/8 of the (padded) input, upsampled 8x, then cut to the input size; the loss trains it."""
+    model = build_tiny(in_features=[("p3", "c3"), ("p4", "c4"), ("p5", "c5")])
+    assert model.sem_seg_head.common_stride == 8
+    model.eval()
+    with torch.no_grad():
+        out = model(_inputs(hw, n=2, with_target=False))
+    for o in out:
+        assert o["sem_seg"].shape == (NUM_CLASSES, *hw)
+        assert torch.isfinite(o["sem_seg"]).all()
+    model.train()
+    losses = model(_inputs(hw, n=2))
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    lateral = list(model.sem_seg_head.lateral_convs.parameters())
+    assert lateral and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lateral)
+
+
 def test_sliding_window_inference():
     cfg = tiny_uper_cfg()
     cfg.model._target_ = SlidingWindowSemanticSegmentor
@@ -415,3 +435,21 @@ def test_the_frozen_demo_config_trains_the_head_alone():
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     head = {id(p) for p in model.sem_seg_head.parameters()}
     assert held == head
+
+
+def test_the_frozen_demo_config_is_a_stride_8_head_without_colour_jitter():
+    """The frozen stage's time trade (its docstring): a stride-8 head (1.56x faster steps) for 450
+    iterations, evaluated and saved at the end of its own schedule; no PhotoMetricDistortion (a
+    frozen backbone cannot adapt to it). The base demo config keeps the stride-4 head and jitter,
+    as the integral ablation's saved recipe has them."""
+    from itpn_d2.data.photometric import PhotoMetricDistortion
+
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs/ADE20K/uper_itpn_tiny_demo_frozen.py"))
+    base = LazyConfig.load(os.path.join(ROOT, "configs/ADE20K/uper_itpn_tiny_demo.py"))
+    model = instantiate(cfg.model)
+    assert model.sem_seg_head.common_stride == 8
+    assert instantiate(base.model).sem_seg_head.common_stride == 4
+    kinds = [a._target_ for a in cfg.dataloader.train.mapper.augmentations]
+    assert PhotoMetricDistortion not in kinds and len(kinds) == 2
+    assert PhotoMetricDistortion in [a._target_ for a in base.dataloader.train.mapper.augmentations]
+    assert cfg.train.max_iter == cfg.train.eval_period == cfg.train.checkpointer.period == 450
