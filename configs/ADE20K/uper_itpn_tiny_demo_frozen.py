@@ -50,6 +50,7 @@ the same (*), a stride-8 head (levels p3-p5; 0.354 s a step, not 0.519)  300    
 the same (*), a stride-8 head, 450 iterations                            450         28.6 at 450
 **this file** (*): stride-8 head, 450 iterations, no colour jitter       450         29.3 at 450
 **this file** (*), train.seed=1                                          450         29.5 at 450
+**this file** in the fresh-clone ``make demo`` (2 threads, 105 s)         450         29.4 at 450
 =====================================================================  ==========  =====================
 
 Per class (this file, seed 0): background 95, ring 41, circle 33, cross 13, triangle 11, star 8,
