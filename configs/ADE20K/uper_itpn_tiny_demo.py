@@ -110,8 +110,9 @@ train.device = "cpu"
 train.seed = 0
 train.amp.enabled = False
 train.max_iter = MAX_ITER
-train.eval_period = MAX_ITER
-train.checkpointer.period = MAX_ITER
+# evaluated and saved at the end of the run, also when a variant or the command line changes its length
+train.eval_period = "${train.max_iter}"
+train.checkpointer.period = "${train.max_iter}"
 train.log_period = 20
 
 optimizer.lr = 2e-3

@@ -84,6 +84,4 @@ model.sem_seg_head.in_features = [("p3", "c3"), ("p4", "c4"), ("p5", "c5")]
 dataloader.train.mapper.augmentations = [
     a for a in dataloader.train.mapper.augmentations if a._target_ is not PhotoMetricDistortion
 ]
-train.max_iter = MAX_ITER
-train.eval_period = MAX_ITER
-train.checkpointer.period = MAX_ITER
+train.max_iter = MAX_ITER  # the base file evaluates and saves at train.max_iter
