@@ -4,7 +4,7 @@ train a semantic segmentation head on the detector's backbone and pyramid, evalu
 on the built-in generated data, on CPU.
 
 Stages, each a plain command printed before it runs (re-run or change any one; the configs are
-``configs/pretrain/mim_mfm_itpn_tiny_cpu.py``, ``configs/COCO/mask_rcnn_itpn_tiny_demo.py`` and
+``configs/pretrain/mim_mfm_itpn_tiny_demo.py``, ``configs/COCO/mask_rcnn_itpn_tiny_demo.py`` and
 ``configs/ADE20K/uper_itpn_tiny_demo_frozen.py``):
   1. generate (or reuse) the built-in dataset     datasets/generate_synthetic.py
   2. pre-train tiny iTPN, MIM + MFM (EMA teacher)  tools/lazyconfig_train_net.py, the pre-training config
@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from itpn_d2.utils.job_stages import StageFailedError, available_cores, run_stage  # noqa: E402
 
-PRETRAIN_CFG = "configs/pretrain/mim_mfm_itpn_tiny_cpu.py"
+PRETRAIN_CFG = "configs/pretrain/mim_mfm_itpn_tiny_demo.py"
 FINETUNE_CFG = "configs/COCO/mask_rcnn_itpn_tiny_demo.py"
 SEG_CFG = "configs/ADE20K/uper_itpn_tiny_demo_frozen.py"
 

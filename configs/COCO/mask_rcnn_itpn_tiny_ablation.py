@@ -20,5 +20,7 @@ model.roi_heads.box_pooler._target_ = model.roi_heads.mask_pooler._target_ = ROI
 model.proposal_generator.pre_nms_topk = (1000, 500)
 model.proposal_generator.post_nms_topk = (500, 200)
 train.max_iter = MAX_ITER
+# the committed runs' loaders (the demo now loads in-process; the images and the results are the same)
+dataloader.train.num_workers = dataloader.test.num_workers = 2
 train.eval_period = MAX_ITER
 lr_multiplier = step_schedule(MAX_ITER, [int(0.8 * MAX_ITER), int(0.93 * MAX_ITER)], warmup_iters=MAX_ITER // 10)

@@ -80,8 +80,10 @@ dataloader.train.mapper.augmentations = [
 ]
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=TEST_SHORT_EDGE, max_size=2 * TEST_SHORT_EDGE)]
 dataloader.train.total_batch_size = 4
-dataloader.train.num_workers = 2
-dataloader.test.num_workers = 2
+# In-process loading: on 2 cores with 2 training processes, worker processes only take CPU from them
+# (a step 0.33-0.34 s instead of 0.35-0.36; the same checkpoint, as the stream does not depend on it).
+dataloader.train.num_workers = 0
+dataloader.test.num_workers = 0
 dataloader.evaluator = L(COCOEvaluator)(
     dataset_name="${..test.dataset.names}",
     use_fast_impl=False,  # the C++ COCOeval is not in the registry's detectron2

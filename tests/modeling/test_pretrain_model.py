@@ -669,7 +669,7 @@ def test_pretrain_optimizer_groups_and_schedule(repo_root):
     [
         "mim_itpn_base_800ep", "mim_itpn_base_mmpretrain_800ep", "mim_itpn_large_800ep",
         "mim_levels_itpn_base_800ep", "mim_mfm_itpn_base_800ep", "mim_clip_itpn_base_300ep",
-        "mim_mfm_itpn_tiny_cpu", "mim_backbone_only_itpn_tiny_cpu",
+        "mim_mfm_itpn_tiny_cpu", "mim_mfm_itpn_tiny_demo", "mim_backbone_only_itpn_tiny_cpu",
     ],
 )
 def test_pretrain_configs_build(repo_root, name):
@@ -687,6 +687,19 @@ def test_pretrain_configs_build(repo_root, name):
         model = instantiate(cfg.model)
     assert isinstance(model, MaskedPretrainer)
     assert model.backbone.pyramid.depth == 2
+
+
+def test_the_demo_pretraining_is_the_cpu_recipe_run_longer(repo_root):
+    """``make demo`` pre-trains with the ablation's recipe, only longer: its warm-up, cosine and the
+    teacher's momentum schedule follow the length, and the recipe does not drift apart."""
+    cpu = LazyConfig.load(os.path.join(repo_root, "configs/pretrain/mim_mfm_itpn_tiny_cpu.py"))
+    demo = LazyConfig.load(os.path.join(repo_root, "configs/pretrain/mim_mfm_itpn_tiny_demo.py"))
+    assert demo.train.max_iter == 700 > cpu.train.max_iter
+    with torch.device("meta"):
+        assert instantiate(demo.model).teacher.max_iter == 700
+    assert demo.lr_multiplier.warmup_length == cpu.lr_multiplier.warmup_length  # a fraction of the run
+    demo.train.max_iter, demo.train.output_dir = cpu.train.max_iter, cpu.train.output_dir
+    assert LazyConfig.to_py(demo) == LazyConfig.to_py(cpu)
 
 
 def test_a_frozen_backbone_is_refused_for_pre_training():

@@ -229,6 +229,7 @@ def test_the_ablation_detection_config_is_the_demo_as_it_was():
         c.train.max_iter = c.train.eval_period = 0
         c.lr_multiplier = None
         c.model.proposal_generator.pre_nms_topk = c.model.proposal_generator.post_nms_topk = None
+        c.dataloader.train.num_workers = c.dataloader.test.num_workers = None  # no effect on the stream
     assert LazyConfig.to_py(frozen) == LazyConfig.to_py(demo)
 
 

@@ -22,7 +22,7 @@ def test_main_job_quick(tmp_path, repo_root):
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # each stage is printed as a plain command a user can re-run
-    assert "tools/lazyconfig_train_net.py --config-file configs/pretrain/mim_mfm_itpn_tiny_cpu.py" in r.stdout
+    assert "tools/lazyconfig_train_net.py --config-file configs/pretrain/mim_mfm_itpn_tiny_demo.py" in r.stdout
     assert "--config-file configs/COCO/mask_rcnn_itpn_tiny_demo.py" in r.stdout
     assert "--config-file configs/ADE20K/uper_itpn_tiny_demo_frozen.py" in r.stdout
 
