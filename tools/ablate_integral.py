@@ -58,8 +58,8 @@ def main(argv=None):
                    help="pre-training seeds; fine-tuning seed number i uses pre-training seed i mod their count "
                         "(default: one pre-training per fine-tuning seed, the same seed)")
     p.add_argument("--pretrain-iters", type=int, default=DEFAULTS.pretrain_iters,
-                   help="the equal-iterations budget (the demo's 500)")
-    p.add_argument("--finetune-iters", type=int, default=DEFAULTS.finetune_iters, help="default: the demo's schedule")
+                   help="the equal-iterations budget (configs/pretrain/mim_mfm_itpn_tiny_cpu.py's 500)")
+    p.add_argument("--finetune-iters", type=int, default=DEFAULTS.finetune_iters, help="default: each task config's own schedule")
     p.add_argument("--evals", type=int, default=DEFAULTS.evals, help="evaluations during each fine-tuning run")
     p.add_argument("--variants", nargs="+", default=list(DEFAULTS.variants), choices=list(VARIANTS))
     p.add_argument("--budgets", nargs="+", default=list(DEFAULTS.budgets), choices=list(BUDGETS))
@@ -69,7 +69,8 @@ def main(argv=None):
     p.add_argument("--seg-metric", default=DEFAULTS.seg_metric, help="metrics.json key of the segmentation metric")
     p.add_argument("--pretrain-mim-mfm", default=DEFAULTS.pretrain_mim_mfm,
                    help="reuse this MIM + MFM checkpoint as the equal-iterations one of the first pre-training "
-                        "seed (e.g. make demo's, same config and 500 iterations); its metrics.json beside it is "
+                        "seed (same config and --pretrain-iters: e.g. configs/pretrain/mim_mfm_itpn_tiny_cpu.py's 500; a "
+                        "checkpoint saved at another iteration is refused); its metrics.json beside it is "
                         "used for the MIM-loss curve")
     p.add_argument("--report-only", action="store_true", help="no new runs: report the finished ones")
     p.add_argument("--jobs", type=int, default=DEFAULTS.jobs,

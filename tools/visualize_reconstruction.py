@@ -11,7 +11,7 @@ What it runs: :mod:`itpn_d2.utils.reconstruction_figures`.
 Example (the checkpoint of ``make demo``'s pre-training stage)::
 
     python tools/visualize_reconstruction.py \\
-        --config-file configs/pretrain/mim_mfm_itpn_tiny_cpu.py \\
+        --config-file configs/pretrain/mim_mfm_itpn_tiny_demo.py \\
         --checkpoint output/demo/pretrain/model_final.pth \\
         --input datasets/itpn_synthetic/val/images --output output/recon \\
         --opts train.device=cpu

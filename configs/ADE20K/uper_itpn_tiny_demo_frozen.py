@@ -24,7 +24,8 @@ trained first, has learnt to tell the shapes apart. Starting from it gives every
 This is a choice for the demo's 15 minutes, not the paper's protocol, which fine-tunes each task from
 the pre-training; the ADE20K configs and the ablation do that.
 
-Measured (2026-12-05, 2-core Intel Xeon; from the ``make demo`` detector of that day, box AP 37.2;
+Measured (2026-12-05, 2-core Intel Xeon; from the ``make demo`` detector of that day, box AP 37.2, 500
+pre-training iterations, except the last two rows (700: the detectors of ``make demo`` since);
 mIoU on the 50 validation images; seed 0 unless stated, one run each; the runs marked * one process
 with one thread, two to four at once; the frozen ones above the stride-4 file's row still with drop
 path in training mode):
@@ -50,15 +51,15 @@ the same (*), a stride-8 head (levels p3-p5; 0.354 s a step, not 0.519)  300    
 the same (*), a stride-8 head, 450 iterations                            450         28.6 at 450
 **this file** (*): stride-8 head, 450 iterations, no colour jitter       450         29.3 at 450
 **this file** (*), train.seed=1                                          450         29.5 at 450
-**this file** in the fresh-clone ``make demo`` (2 threads, 105 s)         450         29.4 at 450
+**this file**, fresh-clone ``make demo`` at 7feaba2 (2 threads)           450         29.4 at 450
 **this file** in ``make demo`` with 700 pre-training iterations           450         32.0 at 450
 the same, on the detectors of detection seeds 1 / 2                       450         31.3 / 31.9
 =====================================================================  ==========  =====================
 
-Per class (this file, seed 0, on the 500-iteration pre-training's detector): background 95, ring 41,
-circle 33, cross 13, triangle 11, star 8, rectangle 5 (with 700: 94, 50, 30, 19, 13, 11, 7); the
-stride-4 file: background 97, ring 38, circle 25, cross 8, rectangle 7, star 7, triangle 3; the
-pre-training route (15.0): background 86, circle 10, ring 9, under 0.4 for the rest.
+Per class (this file's one-thread row, 29.3, on the 500-iteration pre-training's detector): background
+95, ring 41, circle 33, cross 13, triangle 11, star 8, rectangle 5 (``make demo`` with 700: 94, 50, 30,
+19, 13, 11, 7); the stride-4 file: background 97, ring 38, circle 25, cross 8, rectangle 7, star 7,
+triangle 3; the pre-training route (15.0): background 86, circle 10, ring 9, under 0.4 for the rest.
 The stride-4 file's 300 iterations took 105 s (idle machine: training, evaluation and start-up), what
 the stage before took for its 150 fine-tuning iterations; 450 stride-4 iterations would have added
 about 50 s, which the 15 minutes do not have. Most of a frozen step is the head, most of the head its

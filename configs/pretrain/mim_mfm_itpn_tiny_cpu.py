@@ -50,4 +50,4 @@ train.log_period = 20
 set_schedule(
     optimizer, lr_multiplier, train, model=model,
     blr=1e-3 * 256 / 16, epochs=500, warmup_epochs=25, images_per_epoch=16,
-)  # 500 iterations ("epochs" of one batch, ~3 min on 2 cores) at lr 1e-3: higher than ImageNet's blr so tiny runs move
+)  # 500 iterations ("epochs" of one batch, under 2 min on 2 cores) at lr 1e-3: higher than ImageNet's blr so tiny runs move

@@ -75,9 +75,9 @@ class AblationOptions:
         pretrain_seeds: pre-training seeds; fine-tuning seed number i uses pre-training seed
             i mod their count. None: one pre-training per fine-tuning seed (seed s fine-tunes
             from the pre-trainings of seed s), so the intervals cover pre-training noise too.
-        pretrain_iters: the equal-iterations budget (the demo's 500).
+        pretrain_iters: the equal-iterations budget (500: ``configs/pretrain/mim_mfm_itpn_tiny_cpu.py``'s length).
         finetune_iters: iterations of each fine-tuning; None: each task's config's own
-            ``train.max_iter`` (the demo's schedules).
+            ``train.max_iter`` (the task configs' own schedules).
         evals: evaluations during each fine-tuning run.
         variants: names of :data:`VARIANTS` to run.
         budgets: names of :data:`BUDGETS` to run.
@@ -239,6 +239,18 @@ def _without_train(yaml_text: str) -> List[str]:
     return lines
 
 
+def _saved_iteration(path: str) -> Optional[int]:
+    """The iteration a detectron2 checkpoint was saved at (``model_final.pth`` of an N-iteration run:
+    N - 1), or None when the file holds none."""
+    from itpn_d2.checkpoint.safe_load import load_checkpoint_file
+
+    try:
+        it = load_checkpoint_file(path).get("iteration")
+    except Exception as e:  # not a checkpoint at all: say which file
+        raise AblationError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    return None if it is None else int(it)
+
+
 def saved_recipe(config: str, overrides: Sequence[str] = ()) -> List[str]:
     """``config`` with ``overrides`` as the training script saves it into a run's ``config.yaml``
     (detectron2's ``LazyConfig.save``), without the ``train:`` block: model, data, optimizer and
@@ -369,6 +381,17 @@ def run_ablation(options: AblationOptions) -> List[dict]:
         given = os.path.abspath(options.pretrain_mim_mfm)
         if not os.path.isfile(given):
             raise AblationError(f"--pretrain-mim-mfm {options.pretrain_mim_mfm}: no such file")
+        want = iters["iters"]["mim_mfm"]
+        saved_at = _saved_iteration(given)
+        if saved_at is None or saved_at + 1 != want:
+            # make demo's pre-training is no longer this budget's (700 iterations, not 500): a checkpoint of
+            # another length would stand for the equal-iterations run unnoticed
+            raise AblationError(
+                f"--pretrain-mim-mfm {options.pretrain_mim_mfm}: saved at iteration {saved_at}, but the "
+                f"equal-iterations MIM + MFM pre-training it stands for runs {want} iterations (its final "
+                f"checkpoint is saved at {want - 1}); make one with `python tools/lazyconfig_train_net.py "
+                f"--config-file {PRETRAININGS['mim_mfm'][0]} train.max_iter={want}`, or leave the flag out"
+            )
         if options.vary_data and pre_seeds[0] != 0:
             raise AblationError(f"--pretrain-mim-mfm with --vary-data stands for pre-training seed {pre_seeds[0]}, "
                                 "whose data seed would be the same, but a given checkpoint's data seed is the "

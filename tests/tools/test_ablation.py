@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import cv2
 import pytest
+import torch
 
 from itpn_d2.evaluation import paired_stats as stats
 from itpn_d2.experiments import ablation_report as report
@@ -437,17 +438,23 @@ def test_main_runs_every_job_once_and_resumes(ablate, tmp_path, monkeypatch):
     # a given MIM + MFM checkpoint (make demo's) stands in for the equal-iterations one
     demo = tmp_path / "demo" / "pretrain"
     demo.mkdir(parents=True)
-    (demo / "model_final.pth").write_bytes(b"demo")
+    torch.save({"model": {}, "iteration": 99}, demo / "model_final.pth")  # saved at the end of 100 iterations
     (demo / "metrics.json").write_text(json.dumps({"iteration": 19, "loss_mim": 0.5, "total_loss": 0.8}) + "\n")
     launched.clear()
     out2 = tmp_path / "abl2"
     ablate.run_ablation(replace(options, output_dir=str(out2), variants=["integral_mim_mfm"], budgets=["iters"],
                                 tasks=["det"], pretrain_seeds=[0], pretrain_mim_mfm=str(demo / "model_final.pth")))
     assert [c for c in launched if "pretrain" in c[c.index("--config-file") + 1]] == []
-    assert (out2 / "pretrain_mim_mfm_100it_s0" / "model_final.pth").read_bytes() == b"demo"
+    assert (out2 / "pretrain_mim_mfm_100it_s0" / "model_final.pth").read_bytes() == (demo / "model_final.pth").read_bytes()
     assert json.loads((out2 / "results.json").read_text())["mim_curves"] == {"mim_mfm": {"0": [[19, 0.5]]}}
     with pytest.raises(ablate.AblationError, match="no such file"):
         ablate.run_ablation(replace(options, pretrain_mim_mfm=str(tmp_path / "nope.pth")))
+    # a pre-training of another length (make demo's 700 iterations) must not stand for this budget's
+    longer = tmp_path / "longer.pth"
+    torch.save({"model": {}, "iteration": 699}, longer)
+    with pytest.raises(ablate.AblationError, match=r"longer.pth: saved at iteration 699, .* runs 100 iterations"):
+        ablate.run_ablation(replace(options, output_dir=str(tmp_path / "abl3"), pretrain_mim_mfm=str(longer)))
+    assert not (tmp_path / "abl3" / "pretrain_mim_mfm_100it_s0" / "model_final.pth").exists()
 
     # --vary-data: every run's data seed is its own seed, in folders of their own (nothing reused
     # from the data-seed-0 runs in the same output folder)
