@@ -96,7 +96,10 @@ def run_job(argv=None) -> None:
 
     ft_dir = os.path.join(out, "finetune")
     procs = args.finetune_procs or (2 if available_cores() >= 2 else 1)
-    cmd = [py, "tools/lazyconfig_train_net.py", "--num-gpus", str(procs), "--config-file", FINETUNE_CFG,
+    # a free port: detectron2's default is one fixed port per user, so a second multi-process run on the
+    # machine (another demo, the tests) would stop this one with EADDRINUSE
+    free_port = ["--dist-url", "auto"] if procs > 1 else []
+    cmd = [py, "tools/lazyconfig_train_net.py", "--num-gpus", str(procs), *free_port, "--config-file", FINETUNE_CFG,
            f"train.init_checkpoint={pre_ckpt}", "train.backbone_load=strict", f"train.output_dir={ft_dir}"]
     if ft_iters:
         cmd += [f"train.max_iter={ft_iters}", f"train.eval_period={ft_iters}", f"train.checkpointer.period={ft_iters}", *log_every]

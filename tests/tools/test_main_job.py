@@ -24,6 +24,8 @@ def test_main_job_quick(tmp_path, repo_root):
     # each stage is printed as a plain command a user can re-run
     assert "tools/lazyconfig_train_net.py --config-file configs/pretrain/mim_mfm_itpn_tiny_demo.py" in r.stdout
     assert "--config-file configs/COCO/mask_rcnn_itpn_tiny_demo.py" in r.stdout
+    # several fine-tuning processes rendezvous on a free port, not detectron2's fixed per-user one
+    assert "--num-gpus 1 " in r.stdout or "--dist-url auto" in r.stdout
     assert "--config-file configs/ADE20K/uper_itpn_tiny_demo_frozen.py" in r.stdout
 
     summary = json.loads((out / "summary.json").read_text())
