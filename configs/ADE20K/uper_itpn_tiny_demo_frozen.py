@@ -53,7 +53,7 @@ the same (*), a stride-8 head, 450 iterations                            450    
 **this file** (*), train.seed=1                                          450         29.5 at 450
 **this file**, fresh-clone ``make demo`` at 7feaba2 (2 threads)           450         29.4 at 450
 **this file** in ``make demo`` with 700 pre-training iterations           450         32.0 at 450
-the same, on the detectors of detection seeds 1 / 2                       450         31.3 / 31.9
+the same, on the detectors of detection seeds 1 / 2 / 3 / 4               450         31.3/31.9/31.6/30.3
 =====================================================================  ==========  =====================
 
 Per class (this file's one-thread row, 29.3, on the 500-iteration pre-training's detector): background

@@ -9,8 +9,9 @@ anything else the demo's minutes can buy (docs/main_job.md: 2500 iterations gave
 53.1 against 37.2 / 40.9 at 500, but cost 8 more minutes; cutting detection iterations to pay for it
 lost more than it gave). Loading in-process (``mim_mfm_itpn_tiny_cpu.py`` and the fine-tuning configs)
 made every stage faster on 2 cores, and those seconds pay for the 200 iterations: ``make demo`` took 13.2
-minutes from a fresh clone (12.7 with 500). Over detection seeds 0-2, box AP 37.3 +- 2.0 and mIoU 31.7
-+- 0.4, against 32.5 +- 5.4 and 29.3 +- 0.8 with 500 (one pre-training each, seed 0; docs/main_job.md).
+minutes from a fresh clone (12.7 with 500). Over detection seeds 0-4, box AP 37.4 +- 3.5 (every seed
+above 30) and mIoU 31.4 +- 0.7, against 34.3 +- 4.6 (seed 2: 26.6) and 30.2 +- 1.4 with 500 (one
+pre-training each, seed 0; the paired differences are not established: docs/main_job.md).
 """
 from .mim_mfm_itpn_tiny_cpu import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401
 
