@@ -242,12 +242,14 @@ def _without_train(yaml_text: str) -> List[str]:
 def _saved_iteration(path: str) -> Optional[int]:
     """The iteration a detectron2 checkpoint was saved at (``model_final.pth`` of an N-iteration run:
     N - 1), or None when the file holds none."""
+    from itpn_d2.checkpoint import CheckpointFileError
     from itpn_d2.checkpoint.safe_load import load_checkpoint_file
 
     try:
-        it = load_checkpoint_file(path).get("iteration")
-    except Exception as e:  # not a checkpoint at all: say which file
-        raise AblationError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        ckpt = load_checkpoint_file(path)
+    except CheckpointFileError as e:  # missing, corrupt or refused: it names the file
+        raise AblationError(str(e)) from e
+    it = ckpt.get("iteration") if isinstance(ckpt, dict) else None
     return None if it is None else int(it)
 
 
