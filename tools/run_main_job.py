@@ -58,7 +58,7 @@ def run_job(argv=None) -> None:
     p.add_argument("--finetune-iters", type=int, default=None,
                    help="Mask R-CNN iterations (default: the config's); its lr steps keep their fractions of the run")
     p.add_argument("--seg-iters", type=int, default=None,
-                   help="UPerNet head iterations (default: the config's, 450)")
+                   help="UPerNet head iterations (default: the config's, 1800)")
     p.add_argument("--num-demo-images", type=int, default=4)
     p.add_argument("--finetune-procs", type=int, default=None,
                    help="CPU processes for fine-tuning (detectron2's --num-gpus, gloo); default 2 on a "
@@ -162,7 +162,7 @@ def run_job(argv=None) -> None:
     m = merged_metrics(ft_dir)
     box_ap, mask_ap = m.get("bbox/AP"), m.get("segm/AP")
     miou = merged_metrics(seg_dir).get("sem_seg/mIoU")
-    try:  # a meter, not a result: its absence must not cost the summary of a 13-minute run
+    try:  # a meter, not a result: its absence must not cost the summary of a 14-minute run
         with open(os.path.join(recon_dir, "reconstruction_errors.json")) as f:
             recon_ratio = json.load(f)["mean_ratio"]
     except (OSError, KeyError, ValueError) as e:

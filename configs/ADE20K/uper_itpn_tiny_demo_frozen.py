@@ -17,9 +17,9 @@ does, and the integral ablation's segmentation task), used differently:
 * (this file) a stride-8 head (UPerNet's levels from p3 down) without PhotoMetricDistortion: its
   step is 1.56x cheaper at the stage's 2 threads;
 * (this file) batch 2 for 1800 iterations instead of batch 8 for 450: the same images, four times
-  the updates (mIoU 40.5 against 32.0 on the same detector, for 19 s more); no auxiliary FCN head: on
-  a frozen backbone its loss trains only itself, and it is not used at inference; and ENet's class
-  weights square-rooted (42.7). Over the five demo detectors (seeds 0-4): mIoU 40.4 +- 1.3 against
+  the updates (mIoU 40.5 against 32.0 on the same detector; the stage 114 s against 95); no auxiliary
+  FCN head: on a frozen backbone its loss trains only itself, and it is not used at inference; and
+  ENet's class weights square-rooted (42.7). Over the five demo detectors (seeds 0-4): mIoU 40.4 +- 1.3 against
   31.4 +- 0.7 for the file before, paired difference +9.0 [+7.5, +10.5] (95%); the square root alone
   +1.7 [+0.6, +2.8] (docs/main_job.md).
 
@@ -30,14 +30,14 @@ This is a choice for the demo's 15 minutes, not the paper's protocol, which fine
 the pre-training; the ADE20K configs and the ablation do that.
 
 Measured (2026-12-05, 2-core Intel Xeon; from the ``make demo`` detector of that day, box AP 37.2, 500
-pre-training iterations, except the rows from "the file until 2026-12-05" down (the detectors of
-``make demo`` with 700);
+pre-training iterations, except the rows from "the batch-8 file" down (the detectors of ``make demo``
+with 700, night of 2026-12-05);
 mIoU on the 50 validation images; seed 0 unless stated, one run each; the runs marked * one process
 with one thread, two to four at once; the frozen ones above the stride-4 file's row still with drop
 path in training mode):
 
 =====================================================================  ==========  =====================
-settings                                                                iterations  mIoU at 150/300/450
+settings                                                                iterations  mIoU (at iterations)
 =====================================================================  ==========  =====================
 ``uper_itpn_tiny_demo.py`` from the pre-training, as ``make demo`` ran   150         15.0
 it until 2026-12-05 (2 threads)
@@ -55,28 +55,28 @@ the same (*), train.seed=1                                               300    
 the same (*), no PhotoMetricDistortion                                   300         27.7 at 300
 the same (*), a stride-8 head (levels p3-p5; 0.354 s a step, not 0.519)  300         25.7 at 300
 the same (*), a stride-8 head, 450 iterations                            450         28.6 at 450
-the stride-8 file (*): 450 iterations at batch 8, no colour jitter        450         29.3 at 450
-the same (*), train.seed=1                                                 450         29.5 at 450
-the same, fresh-clone ``make demo`` at 7feaba2 (2 threads)                450         29.4 at 450
-the file until 2026-12-05 in ``make demo`` with 700 pre-training its      450         32.0 at 450
-the same, on the detectors of detection seeds 1 / 2 / 3 / 4               450         31.3/31.9/31.6/30.3
-the same on the seed-0 detector (*)                                       450         32.5 at 450
-the same (*), batch 4 for 900 iterations                                  900         37.3 at 900
-the same (*), batch 4, no auxiliary head (the same mIoU to the last digit) 900         37.3 at 900
-the same, batch 2 for 1800 iterations (*)                                 1800        41.5 at 1800
-the same, batch 2, no auxiliary head, lr 6e-3 / 2.4e-2 (*)                1800        40.0 / 39.9
-the same, batch 2, no auxiliary head, 1500 iterations (2 threads, 92 s)   1500        37.7 at 1500
-the same (2 threads): batch 2, 1800 iterations, no auxiliary head         1800        40.5 at 1800
-the same (*), dropout 0 before the classifier (the file: 0.1)             1800        41.9 at 1800
-the same (*), ENet's weights sqrt / fourth root (2 decimals) / none     1800        43.6 / 39.1 / 37.8
+the stride-8 file (*): 450 iterations at batch 8, no colour jitter       450         29.3 at 450
+the same (*), train.seed=1                                               450         29.5 at 450
+the same, fresh-clone ``make demo`` at 7feaba2 (2 threads)               450         29.4 at 450
+the batch-8 file (until the night of 2026-12-05) in ``make demo``        450         32.0 at 450
+the same, on the detectors of detection seeds 1 / 2 / 3 / 4              450         31.3/31.9/31.6/30.3
+the same on the seed-0 detector (*)                                      450         32.5 at 450
+the same (*), batch 4 for 900 iterations                                 900         37.3 at 900
+the same (*), batch 4, no auxiliary head (same mIoU to the last digit)   900         37.3 at 900
+the same (*), batch 2 for 1800 iterations                                1800        41.5 at 1800
+the same (*), batch 2, no auxiliary head, lr 6e-3 / 2.4e-2               1800        40.0 / 39.9
+the same, batch 2, no auxiliary head, 1500 iterations (2 threads, 92 s)  1500        37.7 at 1500
+the same (2 threads): batch 2, 1800 iterations, no auxiliary head        1800        40.5 at 1800
+the same (*), dropout 0 before the classifier (the file: 0.1)            1800        41.9 at 1800
+the same (*), ENet's weights sqrt / 4th root (2 decimals) / none         1800        43.6 / 39.1 / 37.8
 **this file** (2 threads): the weights square-rooted                     1800        **42.7** at 1800
-**this file** on the detectors of seeds 1 / 2 / 3 / 4 (2 threads)         1800        40.4/40.0/39.2/39.8
+**this file** on the detectors of seeds 1 / 2 / 3 / 4 (2 threads)        1800        40.4/40.0/39.2/39.8
 =====================================================================  ==========  =====================
 
 Per class, this file (42.7): background 97, ring 66, circle 48, cross 32, star 24, rectangle 17,
-triangle 14 (with the full weights, 40.5: 96, 56, 47, 30, 19, 21, 14). The stride-8 file's one-thread row (29.3, on the 500-iteration pre-training's detector): background
-95, ring 41, circle 33, cross 13, triangle 11, star 8, rectangle 5 (``make demo`` with 700: 94, 50, 30,
-19, 13, 11, 7); the stride-4 file: background 97, ring 38, circle 25, cross 8, rectangle 7, star 7,
+triangle 14 (with the full weights, 40.5: 96, 56, 47, 30, 19, 21, 14). The stride-8 file's
+one-thread row (29.3, on the 500-iteration pre-training's detector): background 95, ring 41, circle 33,
+cross 13, triangle 11, star 8, rectangle 5 (``make demo`` with 700: 94, 50, 29, 19, 13, 11, 7); the stride-4 file: background 97, ring 38, circle 25, cross 8, rectangle 7, star 7,
 triangle 3; the pre-training route (15.0): background 86, circle 10, ring 9, under 0.4 for the rest.
 The stride-4 file's 300 iterations took 105 s (idle machine: training, evaluation and start-up), what
 the stage before took for its 150 fine-tuning iterations; 450 stride-4 iterations would have added
@@ -97,9 +97,9 @@ model.backbone.frozen = True
 optimizer.lr = 1.2e-2
 # A stride-8 head: UPerNet's levels from p3 (+c3) down, its logits upsampled 8x instead of 4x. Most of a
 # frozen step is the head (0.36 of 0.52 s, one thread), most of the head its stride-4 convolutions, so
-# a step is 1.56-1.57x faster at 2 threads (0.20 s against 0.32 s: `tools/benchmark.py --what finetune`
-# on this file and the stride-4 one, twice each, alternating; docs/performance.md); the minutes buy 450
-# iterations instead of 300 (table above).
+# a step is 1.56-1.57x faster at 2 threads (at batch 8: 0.20 s against 0.32 s, `tools/benchmark.py --what
+# finetune` on the stride-8 and stride-4 files, twice each, alternating; docs/performance.md); at batch 8
+# the minutes bought 450 iterations instead of 300 (table above).
 model.sem_seg_head.in_features = [("p3", "c3"), ("p4", "c4"), ("p5", "c5")]
 # Resize and flip as the base file, no PhotoMetricDistortion: a frozen backbone cannot adapt to the
 # colour jitter, and the test images have none.
@@ -109,18 +109,20 @@ dataloader.train.mapper.augmentations = [
 # Batch 2 for 1800 iterations, not 8 for 450: the same 3600 images, four times the updates. For a head
 # trained from scratch in a few minutes the updates are what count (on the 700-iteration demo detector,
 # 2026-12-05: batch 8 / 4 / 2 gave mIoU 32.5 / 37.3 / 41.5, one thread each, two at once; table above).
-# Two images still give the pyramid-pooling branch that pools to 1x1 two values for its BatchNorm.
-# A small batch uses 2 threads less well: the stage took 114 s instead of 95 (the whole command, alone).
+# With two images, the 1x1 pyramid-pooling branch still gives its BatchNorm two values per channel.
+# A small batch uses 2 threads less well: the stage's whole command took 114 s with ENet's full weights
+# and 112 s with this file, against 95 s at batch 8 (alone, one after the other; 114 s in `make demo`).
 dataloader.train.total_batch_size = 2
 train.max_iter = MAX_ITER  # the base file evaluates and saves at train.max_iter
 # No auxiliary FCN head: with the backbone frozen its loss reaches nothing but its own weights, and it is
 # not used at inference (the same mIoU to the last digit without it, at batch 4; steps 1.09-1.10x faster,
 # `tools/benchmark.py --what finetune`, docs/performance.md).
 model.sem_seg_head.aux_in_feature = None
-# ENet's class weights of the base file, square-rooted (background 1.25, shapes 4.6-5.5): with four times
-# the updates the full weights (1.56 against 21-30) over-reward the shapes. One thread each, seed-0
-# detector: full 41.5, square-rooted 43.6, fourth root 39.1, unweighted 37.8 (docs/main_job.md).
+# ENet's class weights of the base file, square-rooted (background 1.25, shapes 4.6-5.5, instead of 1.56
+# against 21-30). One thread each, seed-0 detector: full 41.5, square-rooted 43.6, fourth root 39.1,
+# unweighted 37.8; over five detectors +1.7 [+0.6, +2.8] against the full weights (docs/main_job.md).
 model.sem_seg_head.class_weight = [w**0.5 for w in model.sem_seg_head.class_weight]
-# In-process loading: on 2 cores the loader's worker processes take CPU from the step (0.18-0.19 s a step
-# instead of 0.19-0.20); the stream, and so the checkpoint, is the same either way (itpn_d2.data.resumable).
+# In-process loading: on 2 cores the loader's worker processes take CPU from the step (at batch 8, 0.18-0.19 s
+# a step instead of 0.19-0.20); the stream, and so the checkpoint, is the same either way
+# (itpn_d2.data.resumable).
 dataloader.train.num_workers = dataloader.test.num_workers = 0
