@@ -439,11 +439,11 @@ def test_the_frozen_demo_config_trains_the_head_alone():
 
 def test_the_frozen_demo_config_is_a_stride_8_head_without_colour_jitter():
     """The frozen stage's time trade (its docstring): a stride-8 head (1.56x faster steps) at batch 2
-    for 1800 iterations (the 8 x 450 images of this file before, four times the updates), evaluated and saved
-    at the end of its own schedule; no auxiliary head (on a frozen backbone it would train only
-    itself); ENet's class weights square-rooted; no PhotoMetricDistortion (a frozen backbone cannot adapt to it). The base demo config
-    keeps the stride-4 head, the auxiliary head, batch 8 and the jitter, as the integral ablation's
-    saved recipe has them."""
+    for 1800 iterations (the 8 x 450 images of this file before, four times the updates), evaluated
+    and saved at the end of its own schedule; no auxiliary head (on a frozen backbone it would train
+    only itself); ENet's class weights square-rooted; no PhotoMetricDistortion (a frozen backbone
+    cannot adapt to it). The base demo config keeps the stride-4 head, the auxiliary head, batch 8
+    and the jitter, as the integral ablation's saved recipe has them."""
     from itpn_d2.data.photometric import PhotoMetricDistortion
 
     cfg = LazyConfig.load(os.path.join(ROOT, "configs/ADE20K/uper_itpn_tiny_demo_frozen.py"))
