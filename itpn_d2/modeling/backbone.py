@@ -30,7 +30,7 @@ class UnitFeatures(NamedTuple):
 
     encoder: HiViT's (c2, c3, c4): (B, N, 4, 4, C/4), (B, N, 2, 2, C/2), (B, N, C).
     pyramid: (p2, p3, p4): (B, N, 4, 4, D), (B, N, 2, 2, D), (B, N, 1, 1, D), or None
-        when not computed.
+        when not computed; p2 alone is None when skipped (``with_p2=False``).
     """
 
     encoder: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -142,7 +142,10 @@ class ITPNBackbone(Backbone):
         # (name, source) of the pooled maps to compute, each after its source
         self._pooled = [(f, src) for f, (_, src) in table.items() if src is not None and f in needed]
         self._with_pyramid = any(f.startswith("p") for f in needed)
-        self._with_encoder_maps = any(f.startswith("c") for f in needed)
+        # A head that starts at stride 8 (make demo's UPerNet on p3-p5) spares the pyramid's
+        # stride-4 level, most of its cost; its weights stay (and load), unused.
+        self._with_p2 = PYRAMID_LEVELS[0].name in needed
+        self._needed_maps = needed
         self._out_features = list(out_features)
         self._out_feature_strides = {f: s.stride for f, s in shapes.items()}
         self._out_feature_channels = {f: s.channels for f, s in shapes.items()}
@@ -201,7 +204,12 @@ class ITPNBackbone(Backbone):
         return ["net", "pyramid"]
 
     def forward_units(
-        self, x: torch.Tensor, ids_keep: Optional[torch.Tensor] = None, *, with_pyramid: bool = True
+        self,
+        x: torch.Tensor,
+        ids_keep: Optional[torch.Tensor] = None,
+        *,
+        with_pyramid: bool = True,
+        with_p2: bool = True,
     ) -> UnitFeatures:
         """Encoder and pyramid in unit layout, for pre-training and the maps of :meth:`forward`.
 
@@ -209,22 +217,21 @@ class ITPNBackbone(Backbone):
             x: (B, 3, H, W), H and W multiples of 16.
             ids_keep: optional (B, N_vis) raster indices of the units to keep (see ``HiViT.forward``).
             with_pyramid: False skips the pyramid (``pyramid`` is then None).
+            with_p2: False skips the pyramid's stride-4 level (``pyramid[0]`` is then None).
         """
         encoder = self.net(x, ids_keep)
-        return UnitFeatures(encoder, self.pyramid(*encoder) if with_pyramid else None)
+        return UnitFeatures(encoder, self.pyramid(*encoder, with_p2=with_p2) if with_pyramid else None)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """(B, 3, H, W) -> {name: (B, channels, H/stride, W/stride)}; H, W multiples of 16
         (of the largest stride for the pooled levels)."""
         grid = (x.shape[-2] // UNIT_SIZE, x.shape[-1] // UNIT_SIZE)
-        units = self.forward_units(x, with_pyramid=self._with_pyramid)
-        maps = {}
+        units = self.forward_units(x, with_pyramid=self._with_pyramid, with_p2=self._with_p2)
+        c2, c3, c4 = units.encoder
+        sources = {lv.encoder_name: c for lv, c in zip(PYRAMID_LEVELS, (c2, c3, c4[:, :, None, None, :]))}
         if self._with_pyramid:
-            maps.update({lv.name: units_to_map(p, grid) for lv, p in zip(PYRAMID_LEVELS, units.pyramid)})
-        if self._with_encoder_maps:
-            c2, c3, c4 = units.encoder
-            encoder = (c2, c3, c4[:, :, None, None, :])
-            maps.update({lv.encoder_name: units_to_map(c, grid) for lv, c in zip(PYRAMID_LEVELS, encoder)})
+            sources.update({lv.name: p for lv, p in zip(PYRAMID_LEVELS, units.pyramid)})
+        maps = {name: units_to_map(sources[name], grid) for name in sources if name in self._needed_maps}
         for name, source in self._pooled:
             maps[name] = self._pool(maps[source], kernel_size=2, stride=2)
         return {f: maps[f] for f in self._out_features}

@@ -8,7 +8,7 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
 
 from tests.helpers.models import make_tiny_backbone, mask_rcnn_sample, tiny_mask_rcnn
-from itpn_d2.modeling import HIVIT_ARCHS, HiViT, ITPNBackbone, hivit_arch
+from itpn_d2.modeling import HIVIT_ARCHS, HiViT, ITPNBackbone, ITPNSegBackbone, hivit_arch
 
 
 @pytest.mark.parametrize("hw", [(224, 224), (320, 480), (800, 1216)])
@@ -235,3 +235,32 @@ def test_frozen_backbone_is_a_fixed_feature_extractor(caplog):
         model.backbone = make_tiny_backbone()
         log_frozen_backbone(model, loaded=False)
     assert "frozen" not in caplog.text
+
+
+def test_a_backbone_without_p2_skips_the_pyramids_stride_4_level():
+    """Out features from p3 down: the pyramid's stride-4 path (``split_8to4``, ``block_8to4``,
+    ``fpn_modules[2]``) does not run, and every map returned is the one the full backbone gives."""
+    torch.manual_seed(0)
+    b = make_tiny_backbone().eval()
+    full = ITPNSegBackbone(net=b.net, pyramid=b.pyramid).eval()
+    from_p3 = ITPNSegBackbone(net=b.net, pyramid=b.pyramid, out_features=["p3", "p4", "p5", "c3", "c4", "c5"]).eval()
+    calls = []
+    for name in ("split_8to4", "block_8to4"):
+        getattr(b.pyramid, name).register_forward_hook(lambda *a, name=name: calls.append(name))
+    b.pyramid.fpn_modules[2].register_forward_hook(lambda *a: calls.append("fpn_modules.2"))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        reference = full(x)
+        assert calls == ["split_8to4", "block_8to4", "fpn_modules.2"]
+        calls.clear()
+        out = from_p3(x)
+    assert calls == []
+    assert list(out) == ["p3", "p4", "p5", "c3", "c4", "c5"]
+    for name, t in out.items():
+        assert torch.equal(t, reference[name]), name
+    # the unit-layout entry point says the same: p2 skipped, p3 and p4 unchanged
+    with torch.no_grad():
+        units = b.forward_units(x, with_p2=False)
+        assert units.pyramid[0] is None
+        for skipped, whole in zip(units.pyramid[1:], b.forward_units(x).pyramid[1:]):
+            assert torch.equal(skipped, whole)
