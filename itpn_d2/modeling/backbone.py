@@ -227,10 +227,11 @@ class ITPNBackbone(Backbone):
         (of the largest stride for the pooled levels)."""
         grid = (x.shape[-2] // UNIT_SIZE, x.shape[-1] // UNIT_SIZE)
         units = self.forward_units(x, with_pyramid=self._with_pyramid, with_p2=self._with_p2)
-        c2, c3, c4 = units.encoder
-        sources = {lv.encoder_name: c for lv, c in zip(PYRAMID_LEVELS, (c2, c3, c4[:, :, None, None, :]))}
+        sources = {}
         if self._with_pyramid:
             sources.update({lv.name: p for lv, p in zip(PYRAMID_LEVELS, units.pyramid)})
+        c2, c3, c4 = units.encoder
+        sources.update({lv.encoder_name: c for lv, c in zip(PYRAMID_LEVELS, (c2, c3, c4[:, :, None, None, :]))})
         maps = {name: units_to_map(sources[name], grid) for name in sources if name in self._needed_maps}
         for name, source in self._pooled:
             maps[name] = self._pool(maps[source], kernel_size=2, stride=2)

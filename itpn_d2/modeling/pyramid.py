@@ -91,13 +91,13 @@ class FeaturePyramid(nn.Module):
         Returns:
             (p2, p3, p4): (B, N, 4, 4, D) or None, (B, N, 2, 2, D), (B, N, 1, 1, D).
         """
+        # With p2 the operations run in the order they always had: a CPU matmul's last bits can
+        # depend on where its buffers land, so the same seed keeps giving the same checkpoints.
         c4 = c4[:, :, None, None, :]
         fused_p4 = self.align_dim_16tofpn(c4)
         fused_p3 = self.block_16to8(self.split_16to8(c4) + self.align_dim_16to8(c3))
+        fused_p2 = self.block_8to4(self.split_8to4(fused_p3) + self.align_dim_8to4(c2)) if with_p2 else None
         p4 = self.fpn_modules[0](fused_p4)
         p3 = self.fpn_modules[1](fused_p3)
-        if not with_p2:
-            return None, p3, p4
-        fused_p2 = self.block_8to4(self.split_8to4(fused_p3) + self.align_dim_8to4(c2))
-        p2 = self.fpn_modules[2](fused_p2)
+        p2 = self.fpn_modules[2](fused_p2) if with_p2 else None
         return p2, p3, p4
