@@ -27,7 +27,7 @@ does, and the integral ablation's segmentation task), used differently:
   pyramid's stride-4 level, most of the pyramid's cost: steps 1.28-1.30x faster, the same mIoU to
   the last digit; the time buys 2200 iterations instead of 1800 in a shorter stage (about 100 s
   against 112-114). Over the five demo detectors: mIoU 44.5 +- 1.8 against 40.4 +- 1.3, paired
-  difference +4.1 [+2.9, +5.3] (95%; docs/main_job.md).
+  difference +4.1 [+2.9, +5.3] (95%; docs/main_job.md); against the batch-8 file, +13.1 [+11.4, +14.8].
 
 Why: in the demo's minutes the segmenter learns *which* shape a pixel belongs to only slowly (mIoU
 15-19 after 150-300 iterations from the pre-training; ``uper_itpn_tiny_demo.py``), while the detector,
