@@ -116,8 +116,9 @@ def run_job(argv=None) -> None:
     # steeply past ~1000 of them (configs/COCO/mask_rcnn_itpn_tiny_demo.py). This stage then trains
     # UPerNet's head on the detector's frozen encoder and pyramid, which already tell the shapes apart:
     # 2200 iterations at batch 2 of a stride-8 head (the backbone skipping the pyramid's p2 level) cost
-    # about what 150 fine-tuning ones from the pre-training did, for mIoU 44.5 +- 1.8 (five detectors)
-    # instead of 15.0 (configs/ADE20K/uper_itpn_tiny_demo_frozen.py; docs/main_job.md). A demo choice:
+    # about what 150 fine-tuning ones from the pre-training did, for mIoU 47.5 (seed 0; 44.5 +- 1.8 over
+    # five detectors) instead of 15.0 (seed 0; configs/ADE20K/uper_itpn_tiny_demo_frozen.py,
+    # docs/main_job.md). A demo choice:
     # the paper fine-tunes each task from the pre-training, as the ADE20K configs and the ablation do.
     # One process (two threads): a UPerNet step at 144-176 px is small enough that a second process
     # adds start-up and gloo overhead and no speed (80 fine-tuning iterations and the evaluation, on
