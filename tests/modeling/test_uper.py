@@ -442,7 +442,7 @@ def test_the_frozen_demo_config_is_a_stride_8_head_without_colour_jitter():
     that skips the pyramid's p2 level the head does not read (1.28-1.30x), at batch 2 for 2200
     iterations (the 8 x 450 images of this file before in four times the updates, then more), evaluated
     and saved at the end of its own schedule; no auxiliary head (on a frozen backbone it would train
-    only itself); ENet's class weights square-rooted; no PhotoMetricDistortion (a frozen backbone
+    only itself); ENet's class weights square-rooted; no dropout before the classifier; no PhotoMetricDistortion (a frozen backbone
     cannot adapt to it). The base demo config keeps the stride-4 head, the auxiliary head, batch 8
     and the jitter, as the integral ablation's saved recipe has them."""
     from itpn_d2.data.photometric import PhotoMetricDistortion
@@ -463,6 +463,9 @@ def test_the_frozen_demo_config_is_a_stride_8_head_without_colour_jitter():
     assert cfg.dataloader.train.total_batch_size == 2 and base.dataloader.train.total_batch_size == 8
     assert model.sem_seg_head.aux_in_feature is None
     assert instantiate(base.model).sem_seg_head.aux_in_feature is not None
+    # no dropout before the classifier here; the base file keeps UPerHead's 0.1
+    assert isinstance(model.sem_seg_head.dropout, torch.nn.Identity)
+    assert isinstance(instantiate(base.model).sem_seg_head.dropout, torch.nn.Dropout2d)
     # the base file's ENet class weights, square-rooted (background 1.25, the shapes 4.6-5.5)
     assert list(cfg.model.sem_seg_head.class_weight) == pytest.approx([w**0.5 for w in base.model.sem_seg_head.class_weight])
     assert cfg.model.sem_seg_head.class_weight[0] == pytest.approx(1.56**0.5)
