@@ -86,9 +86,10 @@ the same (2200), on the detectors of seeds 1 / 2 / 3 / 4                2200    
 **this file** on the detectors of seeds 1 / 2 / 3 / 4 (2 threads)        2200        46.0/44.9/45.7/45.4
 =====================================================================  ==========  =====================
 
-Per class, this file (47.5, seed-0 detector): background 98, ring 68, circle 51, cross 35, rectangle 30,
-star 28, triangle 21; at 1800 iterations (42.7): background 97, ring 66, circle 48, cross 32, star 24,
-rectangle 17, triangle 14 (with the full weights, 40.5: 96, 56, 47, 30, 19, 21, 14). The stride-8 file's
+Per class, this file (48.5, seed-0 detector): background 98, ring 68, circle 54, cross 36, rectangle 32,
+star 28, triangle 25; with dropout (47.5): 98, 68, 51, 35, 30, 28, 21; at 1800 iterations (42.7):
+background 97, ring 66, circle 48, cross 32, star 24, rectangle 17, triangle 14 (with the full weights,
+40.5: 96, 56, 47, 30, 19, 21, 14). The stride-8 file's
 one-thread row (29.3, on the 500-iteration pre-training's detector): background 95, ring 41, circle 33,
 cross 13, triangle 11, star 8, rectangle 5 (``make demo`` with 700: 94, 50, 29, 19, 13, 11, 7); the stride-4 file: background 97, ring 38, circle 25, cross 8, rectangle 7, star 7,
 triangle 3; the pre-training route (15.0): background 86, circle 10, ring 9, under 0.4 for the rest.

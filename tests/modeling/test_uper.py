@@ -442,9 +442,10 @@ def test_the_frozen_demo_config_is_a_stride_8_head_without_colour_jitter():
     that skips the pyramid's p2 level the head does not read (1.28-1.30x), at batch 2 for 2200
     iterations (the 8 x 450 images of this file before in four times the updates, then more), evaluated
     and saved at the end of its own schedule; no auxiliary head (on a frozen backbone it would train
-    only itself); ENet's class weights square-rooted; no dropout before the classifier; no PhotoMetricDistortion (a frozen backbone
-    cannot adapt to it). The base demo config keeps the stride-4 head, the auxiliary head, batch 8
-    and the jitter, as the integral ablation's saved recipe has them."""
+    only itself); ENet's class weights square-rooted; no dropout before the classifier; no
+    PhotoMetricDistortion (a frozen backbone cannot adapt to it). The base demo config keeps the
+    stride-4 head, the auxiliary head, the dropout, batch 8 and the jitter, as the integral ablation's
+    saved recipe has them."""
     from itpn_d2.data.photometric import PhotoMetricDistortion
 
     cfg = LazyConfig.load(os.path.join(ROOT, "configs/ADE20K/uper_itpn_tiny_demo_frozen.py"))
