@@ -120,7 +120,7 @@ model.sem_seg_head.in_features = [("p3", "c3"), ("p4", "c4"), ("p5", "c5")]
 # the pyramid's cost (for two 160x192 images, 2 threads: the pyramid 10.4 ms with p2, 2.0 ms without,
 # the encoder 11.7 ms). A step is 1.28-1.30x faster (`tools/benchmark.py --what finetune` with and
 # without p2 and c2 put back, docs/performance.md), the mIoU the same to the last digit.
-model.backbone.out_features = ["p3", "p4", "p5", "c3", "c4", "c5"]
+model.backbone.out_features = [name for level in model.sem_seg_head.in_features for name in level]
 # Resize and flip as the base file, no PhotoMetricDistortion: a frozen backbone cannot adapt to the
 # colour jitter, and the test images have none.
 dataloader.train.mapper.augmentations = [
