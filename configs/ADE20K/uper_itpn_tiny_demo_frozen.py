@@ -29,7 +29,11 @@ does, and the integral ablation's segmentation task), used differently:
   against 112-114). Over the five demo detectors: mIoU 44.5 +- 1.8 against 40.4 +- 1.3, paired
   difference +4.1 [+2.9, +5.3] (95%; docs/main_job.md); against the batch-8 file, +13.1 [+11.4, +14.8];
 * (this file) no dropout before the classifier (the base file: 0.1): 46.1 +- 1.4 over the five
-  detectors, paired +1.6 [+0.6, +2.6] over the same with dropout.
+  detectors, paired +1.6 [+0.6, +2.6] over the same with dropout;
+* (this file) the finest level reads the pyramid's p2 again, space-to-depth to stride 8 beside p3 and
+  c3 (``("p2", "p3", "c3")``; UPerHead), where the detector learnt the shapes: mIoU 57.0 +- 4.0 over
+  three detectors against 41.4 +- 3.4 without it, paired +15.6 [+12.8, +18.3] (2026-12-06, 2-core AMD
+  EPYC; docs/main_job.md), for a stage about 25 s longer (p2's level computed again).
 
 Why: in the demo's minutes the segmenter learns *which* shape a pixel belongs to only slowly (mIoU
 15-19 after 150-300 iterations from the pre-training; ``uper_itpn_tiny_demo.py``), while the detector,
@@ -115,11 +119,16 @@ optimizer.lr = 1.2e-2
 # a step is 1.56-1.57x faster at 2 threads (at batch 8: 0.20 s against 0.32 s, `tools/benchmark.py --what
 # finetune` on the stride-8 and stride-4 files, twice each, alternating; docs/performance.md); at batch 8
 # the minutes bought 450 iterations instead of 300 (table above).
-model.sem_seg_head.in_features = [("p3", "c3"), ("p4", "c4"), ("p5", "c5")]
-# ... and the backbone offers only those maps, so it skips the pyramid's stride-4 level (p2), most of
-# the pyramid's cost (for two 160x192 images, 2 threads: the pyramid 10.4 ms with p2, 2.0 ms without,
-# the encoder 11.7 ms). A step is 1.28-1.30x faster (`tools/benchmark.py --what finetune` with and
-# without p2 and c2 put back, docs/performance.md), the mIoU the same to the last digit.
+# The finest level still carries the pyramid's stride-4 map p2, rearranged space-to-depth to stride 8
+# (UPerHead: each 2x2 block of p2 becomes one position of 4 x 64 channels, beside p3 and c3). p2 is where
+# the detector learnt the shapes: detectron2's ROI heads pool each box from level floor(4 + log2(sqrt(area)
+# / 224)), clamped to p2-p5, which is p2 for every object of the built-in data at these sizes (under 112
+# px), so the box classifier and the mask head read nothing else. The stage's command on the detectors
+# of detection seeds 0 / 1 / 2 (2026-12-06, 2-core AMD EPYC, 2 threads, 2200 iterations): 42.3 / 37.6 /
+# 44.3 on p3-p5 and c3-c5 as before, 59.1 / 52.4 / 59.4 with p2 space-to-depth (131-140 s against
+# 106-112); p2 average-pooled instead 50.5 (seed 0), space-to-depth for 2000 iterations 56.0 (127 s).
+model.sem_seg_head.in_features = [("p2", "p3", "c3"), ("p4", "c4"), ("p5", "c5")]
+# The backbone offers just the maps the head reads (it would skip p2's level for a head without it).
 model.backbone.out_features = [name for level in model.sem_seg_head.in_features for name in level]
 # Resize and flip as the base file, no PhotoMetricDistortion: a frozen backbone cannot adapt to the
 # colour jitter, and the test images have none.

@@ -142,7 +142,7 @@ class ITPNBackbone(Backbone):
         # (name, source) of the pooled maps to compute, each after its source
         self._pooled = [(f, src) for f, (_, src) in table.items() if src is not None and f in needed]
         self._with_pyramid = any(f.startswith("p") for f in needed)
-        # A head that starts at stride 8 (make demo's UPerNet on p3-p5) spares the pyramid's
+        # A head that does not read p2 (e.g. UPerNet on p3-p5 and c3-c5) spares the pyramid's
         # stride-4 level, most of its cost; its weights stay (and load), unused. Unfrozen and under
         # DDP they get no gradient, as when p2 was computed and never reached a loss: such a run
         # needs find_unused_parameters (detectron2's create_ddp_model), frozen runs do not.

@@ -16,9 +16,14 @@ Layout (UPerNet, Xiao et al. 2018, as used by BEiT / iTPN for ADE20K):
 Auxiliary FCN head (training only): 3x3 conv + 1x1 classifier on one level
 (the 3rd, stride 16, as in the iTPN/BEiT recipes), loss weight 0.4.
 
-A level may be a *group* of features at the same stride that are concatenated
-along channels (e.g. ``("p3", "c3")``), which is how the iTPN segmentation recipe
-feeds each level: the pyramid output concatenated with the raw encoder feature.
+A level may be a *group* of features that are concatenated along channels (e.g.
+``("p3", "c3")``), which is how the iTPN segmentation recipe feeds each level: the
+pyramid output concatenated with the raw encoder feature. A group's stride is that of
+its coarsest feature; a finer one in it is first rearranged space-to-depth to that
+stride (``F.pixel_unshuffle``: each k x k block of a map of C channels becomes one
+position of k*k*C channels, nothing averaged away). E.g. ``("p2", "p3", "c3")`` is a
+stride-8 level that still carries all of the stride-4 level, as ``make demo``'s
+segmentation stage reads it: the head's convolutions stay at stride 8.
 """
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -112,7 +117,9 @@ class UPerHead(nn.Module):
             input_shape: shapes (channels, stride) of the backbone outputs.
             num_classes: number of classes K.
             in_features: the levels, finest first; each a feature name or a tuple of
-                names with the same stride, concatenated. Default: every feature of
+                names, concatenated at the stride of the coarsest of them (a finer one is
+                rearranged space-to-depth to it, k*k times its channels for k times its
+                stride; the strides must divide it). Default: every feature of
                 ``input_shape`` sorted by stride.
             channels: width of all head convolutions (768 in the iTPN/BEiT recipes).
             pool_scales: output sizes of the pyramid pooling module.
@@ -133,10 +140,14 @@ class UPerHead(nn.Module):
         if len(in_features) < 1:
             raise ValueError("UPerHead(in_features=) cannot be empty")
         self.in_features: List[Tuple[str, ...]] = [self._group(g, input_shape) for g in in_features]
-        strides = [input_shape[g[0]].stride for g in self.in_features]
+        strides = [self._group_stride(g, input_shape) for g in self.in_features]
         if strides != sorted(strides):
             raise ValueError(f"UPerHead in_features must go from fine to coarse; strides {strides}")
-        in_channels = [sum(input_shape[n].channels for n in g) for g in self.in_features]
+        # {group: each feature's k, the factor from its stride to the group's (1: as it is)}
+        self._unshuffle_factors: Dict[Tuple[str, ...], Tuple[int, ...]] = {}
+        for g in self.in_features:
+            self._unshuffle_factors[g] = self._group_factors(g, input_shape)
+        in_channels = [self._group_channels(g, input_shape) for g in self.in_features]
 
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
@@ -159,7 +170,8 @@ class UPerHead(nn.Module):
         self.aux_in_feature = None
         if aux_in_feature is not None:
             self.aux_in_feature = self._group(aux_in_feature, input_shape)
-            aux_in = sum(input_shape[n].channels for n in self.aux_in_feature)
+            self._unshuffle_factors[self.aux_in_feature] = self._group_factors(self.aux_in_feature, input_shape)
+            aux_in = self._group_channels(self.aux_in_feature, input_shape)
             self.aux_conv = _conv(aux_in, aux_channels, 3, norm)
             self.aux_predictor = _classifier(aux_channels, num_classes)
             self.aux_loss_weight = aux_loss_weight
@@ -170,10 +182,28 @@ class UPerHead(nn.Module):
         missing = [n for n in names if n not in input_shape]
         if missing:
             raise KeyError(f"UPerHead: features {missing} not among the backbone outputs {sorted(input_shape)}")
-        strides = {input_shape[n].stride for n in names}
-        if len(strides) != 1:
-            raise ValueError(f"UPerHead: features {names} concatenated into one level have different strides {strides}")
+        stride = UPerHead._group_stride(names, input_shape)
+        uneven = [n for n in names if stride % input_shape[n].stride]
+        if uneven:
+            raise ValueError(
+                f"UPerHead: features {uneven} of the level {names} cannot be brought to its stride {stride}: "
+                f"strides {[input_shape[n].stride for n in names]}"
+            )
         return names
+
+    @staticmethod
+    def _group_stride(names: Tuple[str, ...], input_shape: Dict[str, ShapeSpec]) -> int:
+        return max(input_shape[n].stride for n in names)
+
+    @staticmethod
+    def _group_factors(names: Tuple[str, ...], input_shape: Dict[str, ShapeSpec]) -> Tuple[int, ...]:
+        stride = UPerHead._group_stride(names, input_shape)
+        return tuple(stride // input_shape[n].stride for n in names)
+
+    @staticmethod
+    def _group_channels(names: Tuple[str, ...], input_shape: Dict[str, ShapeSpec]) -> int:
+        factors = UPerHead._group_factors(names, input_shape)
+        return sum(input_shape[n].channels * k * k for n, k in zip(names, factors))
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -194,11 +224,12 @@ class UPerHead(nn.Module):
             "class_weight": head.get("CLASS_WEIGHT", None),
         }
 
-    @staticmethod
-    def _gather(features: Dict[str, torch.Tensor], group: Tuple[str, ...]) -> torch.Tensor:
-        if len(group) == 1:
-            return features[group[0]]
-        return torch.cat([features[n] for n in group], dim=1)
+    def _gather(self, features: Dict[str, torch.Tensor], group: Tuple[str, ...]) -> torch.Tensor:
+        xs = [
+            features[n] if k == 1 else F.pixel_unshuffle(features[n], k)
+            for n, k in zip(group, self._unshuffle_factors[group])
+        ]
+        return xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
 
     def layers(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         """-> logits (B, K, H/common_stride, W/common_stride)."""
