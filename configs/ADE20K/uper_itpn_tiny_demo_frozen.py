@@ -16,24 +16,24 @@ does, and the integral ablation's segmentation task), used differently:
 * the base config's 300 iterations then cost about what 150 fine-tuning ones did;
 * (this file) a stride-8 head (UPerNet's levels from p3 down) without PhotoMetricDistortion: its
   step is 1.56x cheaper at the stage's 2 threads;
-* (this file) batch 2 for 1800 iterations (2200 since, below) instead of batch 8 for 450: the same
+* (this file) batch 2 for 1800 iterations (2200 for a day, 1800 again since, below) instead of batch 8 for 450: the same
   images, four times the updates (mIoU 40.5 against 32.0 on the same detector; the stage 114 s
   against 95); no auxiliary
   FCN head: on a frozen backbone its loss trains only itself, and it is not used at inference; and
   ENet's class weights square-rooted (42.7). Over the five demo detectors (seeds 0-4): mIoU 40.4 +- 1.3 against
   31.4 +- 0.7 for the file before, paired difference +9.0 [+7.5, +10.5] (95%); the square root alone
   +1.7 [+0.6, +2.8] (docs/main_job.md);
-* (this file) the backbone offers only the maps the head reads (p3-p5, c3-c5), so it skips the
-  pyramid's stride-4 level, most of the pyramid's cost: steps 1.28-1.30x faster, the same mIoU to
-  the last digit; the time buys 2200 iterations instead of 1800 in a shorter stage (about 100 s
-  against 112-114). Over the five demo detectors: mIoU 44.5 +- 1.8 against 40.4 +- 1.3, paired
+* (until the next bullet) the backbone offered only the maps the head read (p3-p5, c3-c5), so it
+  skipped the pyramid's stride-4 level, most of the pyramid's cost: steps 1.28-1.30x faster, the same
+  mIoU to the last digit; the time bought 2200 iterations instead of 1800 in a shorter stage (about
+  100 s against 112-114). Over the five demo detectors: mIoU 44.5 +- 1.8 against 40.4 +- 1.3, paired
   difference +4.1 [+2.9, +5.3] (95%; docs/main_job.md); against the batch-8 file, +13.1 [+11.4, +14.8];
 * (this file) no dropout before the classifier (the base file: 0.1): 46.1 +- 1.4 over the five
   detectors, paired +1.6 [+0.6, +2.6] over the same with dropout;
 * (this file) the finest level reads the pyramid's p2 again, space-to-depth to stride 8 beside p3 and
-  c3 (``("p2", "p3", "c3")``; UPerHead), where the detector learnt the shapes: mIoU 57.0 +- 4.0 over
-  three detectors against 41.4 +- 3.4 without it, paired +15.6 [+12.8, +18.3] (2026-12-06, 2-core AMD
-  EPYC; docs/main_job.md), for a stage about 25 s longer (p2's level computed again).
+  c3 (``("p2", "p3", "c3")``; UPerHead), where the detector learnt the shapes, for 1800 iterations,
+  which take about the time the 2200 without p2 did: mIoU 54.4 +- 4.2 over three detectors against
+  41.4 +- 3.4, paired +13.0 [+7.8, +18.3] (2026-12-06, 2-core AMD EPYC; docs/main_job.md).
 
 Why: in the demo's minutes the segmenter learns *which* shape a pixel belongs to only slowly (mIoU
 15-19 after 150-300 iterations from the pre-training; ``uper_itpn_tiny_demo.py``), while the detector,
@@ -109,7 +109,7 @@ from itpn_d2.data.photometric import PhotoMetricDistortion
 
 from .uper_itpn_tiny_demo import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401
 
-MAX_ITER = 2200
+MAX_ITER = 1800
 
 model.backbone.frozen = True
 # the head alone trains, from scratch: 2e-3 / 6e-3 / 1.2e-2 gave 25.9 / 24.7 / 26.8 (one run each)
@@ -124,9 +124,10 @@ optimizer.lr = 1.2e-2
 # the detector learnt the shapes: detectron2's ROI heads pool each box from level floor(4 + log2(sqrt(area)
 # / 224)), clamped to p2-p5, which is p2 for every object of the built-in data at these sizes (under 112
 # px), so the box classifier and the mask head read nothing else. The stage's command on the detectors
-# of detection seeds 0 / 1 / 2 (2026-12-06, 2-core AMD EPYC, 2 threads, 2200 iterations): 42.3 / 37.6 /
-# 44.3 on p3-p5 and c3-c5 as before, 59.1 / 52.4 / 59.4 with p2 space-to-depth (131-140 s against
-# 106-112); p2 average-pooled instead 50.5 (seed 0), space-to-depth for 2000 iterations 56.0 (127 s).
+# of detection seeds 0 / 1 / 2 (2026-12-06, 2-core AMD EPYC, 2 threads): 42.3 / 37.6 / 44.3 for the
+# file before (p3-p5 and c3-c5, 2200 iterations, 106-112 s); with p2 space-to-depth 57.8 / 49.7 / 55.9
+# at 1800 iterations (113-122 s) and 59.1 / 52.4 / 59.4 at 2200 (131-140 s). At seed 0: p2
+# average-pooled instead 50.5, and c2 space-to-depth beside p2 58.1 (both at 2200).
 model.sem_seg_head.in_features = [("p2", "p3", "c3"), ("p4", "c4"), ("p5", "c5")]
 # The backbone offers just the maps the head reads (it would skip p2's level for a head without it).
 model.backbone.out_features = [name for level in model.sem_seg_head.in_features for name in level]
@@ -138,9 +139,10 @@ dataloader.train.mapper.augmentations = [
 # Batch 2, not 8: for a head trained from scratch in a few minutes the updates are what count (on the
 # 700-iteration demo detector, 2026-12-05: batch 8 x 450 / 4 x 900 / 2 x 1800 gave mIoU 32.5 / 37.3 /
 # 41.5, the same images, one thread each, two at once; table above). With two images, the 1x1
-# pyramid-pooling branch still gives its BatchNorm two values per channel. 2200 iterations since the
-# backbone skips p2 (2026-12-06, seed-0 detector, 2 threads: 1800 / 2200 / 2600 gave 42.7 / 47.5 / 47.1,
-# the whole command 83 / 97 / 118 s; 1800 with p2 took 105 s, 112-114 s the night before).
+# pyramid-pooling branch still gives its BatchNorm two values per channel. 1800 iterations: with p2
+# read (2026-12-06, AMD EPYC, 2 threads, seed-0 detector) 1800 / 2000 / 2200 gave 57.8 / 56.0 / 59.1 in
+# 113 / 127 / 134 s; over three detectors 2200 gave +2.5 [-0.2, +5.3] over 1800 (not established) for
+# about 20 s more, which the 15 minutes do not have (the file before: 2200 iterations without p2, 106-112 s).
 dataloader.train.total_batch_size = 2
 train.max_iter = MAX_ITER  # the base file evaluates and saves at train.max_iter
 # No auxiliary FCN head: with the backbone frozen its loss reaches nothing but its own weights, and it is

@@ -470,8 +470,8 @@ def test_the_frozen_demo_config_trains_the_head_alone():
 def test_the_frozen_demo_config_is_a_stride_8_head_without_colour_jitter():
     """The frozen stage's time trade (its docstring): a stride-8 head (1.56x faster steps) whose finest
     level still reads the pyramid's p2, space-to-depth (the level where the detector learnt the
-    shapes), at batch 2 for 2200 iterations (the 8 x 450 images of this file before in four times the updates, then more), evaluated
-    and saved at the end of its own schedule; no auxiliary head (on a frozen backbone it would train
+    shapes), at batch 2 for 1800 iterations (the 8 x 450 images of this file before in four times
+    the updates), evaluated and saved at the end of its own schedule; no auxiliary head (on a frozen backbone it would train
     only itself); ENet's class weights square-rooted; no dropout before the classifier; no
     PhotoMetricDistortion (a frozen backbone cannot adapt to it). The base demo config keeps the
     stride-4 head, the auxiliary head, the dropout, batch 8 and the jitter, as the integral ablation's
@@ -491,7 +491,7 @@ def test_the_frozen_demo_config_is_a_stride_8_head_without_colour_jitter():
     kinds = [a._target_ for a in cfg.dataloader.train.mapper.augmentations]
     assert PhotoMetricDistortion not in kinds and len(kinds) == 2
     assert PhotoMetricDistortion in [a._target_ for a in base.dataloader.train.mapper.augmentations]
-    assert cfg.train.max_iter == cfg.train.eval_period == cfg.train.checkpointer.period == 2200
+    assert cfg.train.max_iter == cfg.train.eval_period == cfg.train.checkpointer.period == 1800
     assert cfg.dataloader.train.total_batch_size == 2 and base.dataloader.train.total_batch_size == 8
     assert model.sem_seg_head.aux_in_feature is None
     assert instantiate(base.model).sem_seg_head.aux_in_feature is not None
