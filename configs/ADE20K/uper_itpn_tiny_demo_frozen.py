@@ -41,7 +41,8 @@ trained first, has learnt to tell the shapes apart. Starting from it gives every
 This is a choice for the demo's 15 minutes, not the paper's protocol, which fine-tunes each task from
 the pre-training; the ADE20K configs and the ablation do that.
 
-Measured (2026-12-05 and, from the row "without the pyramid's p2 level" down, 2026-12-06; 2-core Intel
+Measured before p2 came back (the last bullet and the comments below: 2-core AMD EPYC, other numbers)
+(2026-12-05 and, from the row "without the pyramid's p2 level" down, 2026-12-06; 2-core Intel
 Xeon; from the ``make demo`` detector of 2026-12-05, box AP 37.2, 500 pre-training iterations, except the
 rows from "the batch-8 file" down (the detectors of ``make demo`` with 700, night of 2026-12-05);
 mIoU on the 50 validation images; seed 0 unless stated, one run each; the runs marked * one process
@@ -86,11 +87,11 @@ the same on the detectors of seeds 1 / 2 / 3 / 4 (2 threads)             1800   
 the same without the pyramid's p2 level (2 threads; 83 s, not 105)       1800        42.7 (same digits)
 the same, 2200 / 2600 iterations (2 threads; 97 s / 118 s)               2200/2600   47.5 / 47.1
 the same (2200), on the detectors of seeds 1 / 2 / 3 / 4                2200        43.7/44.0/44.6/42.9
-**this file**: no dropout before the classifier (2 threads)             2200        **48.5** at 2200
-**this file** on the detectors of seeds 1 / 2 / 3 / 4 (2 threads)        2200        46.0/44.9/45.7/45.4
+the same, no dropout before the classifier (2 threads)                  2200        48.5 at 2200
+the same on the detectors of seeds 1 / 2 / 3 / 4 (2 threads)             2200        46.0/44.9/45.7/45.4
 =====================================================================  ==========  =====================
 
-Per class, this file (48.5, seed-0 detector): background 98, ring 68, circle 54, cross 36, rectangle 32,
+Per class, without dropout (48.5, seed-0 detector): background 98, ring 68, circle 54, cross 36, rectangle 32,
 star 28, triangle 25; with dropout (47.5): 98, 68, 51, 35, 30, 28, 21; at 1800 iterations (42.7):
 background 97, ring 66, circle 48, cross 32, star 24, rectangle 17, triangle 14 (with the full weights,
 40.5: 96, 56, 47, 30, 19, 21, 14). The stride-8 file's
