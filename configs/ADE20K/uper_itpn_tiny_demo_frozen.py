@@ -14,16 +14,16 @@ does, and the integral ablation's segmentation task), used differently:
 * ``model.backbone.frozen = True`` (this file): the encoder and pyramid are a fixed feature extractor
   (eval mode, no gradients), and only the UPerNet head trains, at a head's lr (this file: 1.2e-2);
 * the base config's 300 iterations then cost about what 150 fine-tuning ones did;
-* (this file) a stride-8 head (UPerNet's levels from p3 down) without PhotoMetricDistortion: its
-  step is 1.56x cheaper at the stage's 2 threads;
-* (this file) batch 2 for 1800 iterations (2200 for a day, 1800 again since, below) instead of batch 8 for 450: the same
+* (this file) a stride-8 head (UPerNet's levels at strides 8-32; p2 in the first since, last bullet)
+  without PhotoMetricDistortion: its step was 1.56x cheaper at the stage's 2 threads;
+* (this file) batch 2 for 1800 iterations (2200 from `631ddbb`, 1800 again since `ba04072`, below) instead of batch 8 for 450: the same
   images, four times the updates (mIoU 40.5 against 32.0 on the same detector; the stage 114 s
   against 95); no auxiliary
   FCN head: on a frozen backbone its loss trains only itself, and it is not used at inference; and
   ENet's class weights square-rooted (42.7). Over the five demo detectors (seeds 0-4): mIoU 40.4 +- 1.3 against
   31.4 +- 0.7 for the file before, paired difference +9.0 [+7.5, +10.5] (95%); the square root alone
   +1.7 [+0.6, +2.8] (docs/main_job.md);
-* (until the next bullet) the backbone offered only the maps the head read (p3-p5, c3-c5), so it
+* (until the last bullet) the backbone offered only the maps the head read (p3-p5, c3-c5), so it
   skipped the pyramid's stride-4 level, most of the pyramid's cost: steps 1.28-1.30x faster, the same
   mIoU to the last digit; the time bought 2200 iterations instead of 1800 in a shorter stage (about
   100 s against 112-114). Over the five demo detectors: mIoU 44.5 +- 1.8 against 40.4 +- 1.3, paired
@@ -41,8 +41,8 @@ trained first, has learnt to tell the shapes apart. Starting from it gives every
 This is a choice for the demo's 15 minutes, not the paper's protocol, which fine-tunes each task from
 the pre-training; the ADE20K configs and the ablation do that.
 
-Measured before p2 came back (the last bullet and the comments below: 2-core AMD EPYC, other numbers)
-(2026-12-05 and, from the row "without the pyramid's p2 level" down, 2026-12-06; 2-core Intel
+Measured before p2 came back (2026-12-05 and, from the row "without the pyramid's p2 level" down,
+2026-12-06; 2-core Intel
 Xeon; from the ``make demo`` detector of 2026-12-05, box AP 37.2, 500 pre-training iterations, except the
 rows from "the batch-8 file" down (the detectors of ``make demo`` with 700, night of 2026-12-05);
 mIoU on the 50 validation images; seed 0 unless stated, one run each; the runs marked * one process
@@ -115,16 +115,18 @@ MAX_ITER = 1800
 model.backbone.frozen = True
 # the head alone trains, from scratch: 2e-3 / 6e-3 / 1.2e-2 gave 25.9 / 24.7 / 26.8 (one run each)
 optimizer.lr = 1.2e-2
-# A stride-8 head: UPerNet's levels from p3 (+c3) down, its logits upsampled 8x instead of 4x. Most of a
+# A stride-8 head: UPerNet's levels at strides 8-32, its logits upsampled 8x instead of 4x. Most of a
 # frozen step is the head (0.36 of 0.52 s, one thread), most of the head its stride-4 convolutions, so
 # a step is 1.56-1.57x faster at 2 threads (at batch 8: 0.20 s against 0.32 s, `tools/benchmark.py --what
 # finetune` on the stride-8 and stride-4 files, twice each, alternating; docs/performance.md); at batch 8
-# the minutes bought 450 iterations instead of 300 (table above).
+# the minutes bought 450 iterations instead of 300 (table above; Intel Xeon, as the comments below unless
+# they say AMD EPYC).
 # The finest level still carries the pyramid's stride-4 map p2, rearranged space-to-depth to stride 8
-# (UPerHead: each 2x2 block of p2 becomes one position of 4 x 64 channels, beside p3 and c3). p2 is where
-# the detector learnt the shapes: detectron2's ROI heads pool each box from level floor(4 + log2(sqrt(area)
-# / 224)), clamped to p2-p5, which is p2 for every object of the built-in data at these sizes (under 112
-# px), so the box classifier and the mask head read nothing else. The stage's command on the detectors
+# (UPerHead: each 2x2 block of p2 becomes one position of 4 x 64 channels, beside p3 and c3). p2 is,
+# likely, where the detector learnt the shapes: detectron2's ROI heads pool each box from level floor(4 +
+# log2(sqrt(area) / 224)), clamped to p2-p5, which is p2 for every object of the built-in data at these
+# sizes (under 112 px), so the class-aware box classifier and mask head read p2 for every object-sized
+# box (only larger proposals come from p3 up; the class-agnostic RPN reads all). The stage's command on the detectors
 # of detection seeds 0 / 1 / 2 (2026-12-06, 2-core AMD EPYC, 2 threads): 42.3 / 37.6 / 44.3 for the
 # file before (p3-p5 and c3-c5, 2200 iterations, 106-112 s); with p2 space-to-depth 57.8 / 49.7 / 55.9
 # at 1800 iterations (113-122 s) and 59.1 / 52.4 / 59.4 at 2200 (131-140 s). At seed 0: p2
@@ -156,7 +158,7 @@ model.sem_seg_head.aux_in_feature = None
 model.sem_seg_head.class_weight = [w**0.5 for w in model.sem_seg_head.class_weight]
 # No dropout before the classifier (UPerHead's default 0.1): a head trained from scratch for a few
 # minutes on fixed features is short of updates, not over-fitting. Five detectors, 2200 iterations,
-# 2 threads (2026-12-06): 46.1 +- 1.4 against 44.5 +- 1.8, paired +1.6 [+0.6, +2.6] (docs/main_job.md).
+# 2 threads (2026-12-06, without p2, Intel Xeon): 46.1 +- 1.4 against 44.5 +- 1.8, paired +1.6 [+0.6, +2.6] (docs/main_job.md).
 model.sem_seg_head.dropout = 0.0
 # In-process loading: on 2 cores the loader's worker processes take CPU from the step (at batch 8, 0.18-0.19 s
 # a step instead of 0.19-0.20); the stream, and so the checkpoint, is the same either way

@@ -86,8 +86,8 @@ class FeaturePyramid(nn.Module):
             c2: (B, N, 4, 4, C/4), c3: (B, N, 2, 2, C/2), c4: (B, N, C) from HiViT.
             with_p2: False skips the stride-4 level (returned as None). It holds 16 of every
                 unit's 21 pyramid tokens, so it is most of the pyramid's cost (the tiny model on
-                two 160x192 images: 10.4 ms with it, 2.0 ms without); a head that starts at p3
-                does not need it.
+                two 160x192 images: 10.4 ms with it, 2.0 ms without); a head that does not
+                read p2 does not need it.
         Returns:
             (p2, p3, p4): (B, N, 4, 4, D) or None, (B, N, 2, 2, D), (B, N, 1, 1, D).
         """

@@ -167,7 +167,7 @@ def test_inference_returns_logits_at_input_size(hw):
 
 @pytest.mark.parametrize("hw", [(96, 128), (100, 120)])
 def test_a_stride_8_head_predicts_at_input_size_and_trains(hw):
-    """A head whose finest level is p3 (``make demo``'s frozen segmentation stage): its logits are
+    """A head whose finest level is p3 (``make demo``'s frozen segmentation stage before it read p2): its logits are
     at 1/8 of the (padded) input, upsampled 8x, then cut to the input size; the loss trains it."""
     model = build_tiny(in_features=[("p3", "c3"), ("p4", "c4"), ("p5", "c5")])
     assert model.sem_seg_head.common_stride == 8
@@ -470,7 +470,7 @@ def test_the_frozen_demo_config_trains_the_head_alone():
 def test_the_frozen_demo_config_is_a_stride_8_head_without_colour_jitter():
     """The frozen stage's time trade (its docstring): a stride-8 head (1.56x faster steps) whose finest
     level still reads the pyramid's p2, space-to-depth (the level where the detector learnt the
-    shapes), at batch 2 for 1800 iterations (the 8 x 450 images of this file before in four times
+    shapes), at batch 2 for 1800 iterations (the 8 x 450 images of the batch-8 file in four times
     the updates), evaluated and saved at the end of its own schedule; no auxiliary head (on a frozen backbone it would train
     only itself); ENet's class weights square-rooted; no dropout before the classifier; no
     PhotoMetricDistortion (a frozen backbone cannot adapt to it). The base demo config keeps the
