@@ -116,7 +116,7 @@ def run_job(argv=None) -> None:
     # steeply past ~1000 of them (configs/COCO/mask_rcnn_itpn_tiny_demo.py). This stage then trains
     # UPerNet's head on the detector's frozen encoder and pyramid, which already tell the shapes apart:
     # 1800 iterations at batch 2 of a stride-8 head (reading the pyramid's p2 space-to-depth, likely where
-    # the detector learnt the shapes) give mIoU 57.8 (seed 0; 54.4 +- 4.2 over three detectors; AMD EPYC);
+    # the detector learnt the shapes) give mIoU 57.8 (seed 0; 53.0 +- 4.5 over four detectors; AMD EPYC);
     # 150 fine-tuning iterations from the pre-training took about as long for 15.0 (seed 0, Intel Xeon;
     # configs/ADE20K/uper_itpn_tiny_demo_frozen.py, docs/main_job.md). A demo choice:
     # the paper fine-tunes each task from the pre-training, as the ADE20K configs and the ablation do.

@@ -32,8 +32,8 @@ does, and the integral ablation's segmentation task), used differently:
   detectors, paired +1.6 [+0.6, +2.6] over the same with dropout;
 * (this file) the finest level reads the pyramid's p2 again, space-to-depth to stride 8 beside p3 and
   c3 (``("p2", "p3", "c3")``; UPerHead), where the detector learnt the shapes, for 1800 iterations,
-  which take about the time the 2200 without p2 did: mIoU 54.4 +- 4.2 over three detectors against
-  41.4 +- 3.4, paired +13.0 [+7.8, +18.3] (2026-12-06, 2-core AMD EPYC; docs/main_job.md).
+  which take about the time the 2200 without p2 did: mIoU 53.0 +- 4.5 over four detectors against
+  41.6 +- 2.8, paired +11.4 [+5.5, +17.3] (2026-12-06, 2-core AMD EPYC; docs/main_job.md).
 
 Why: in the demo's minutes the segmenter learns *which* shape a pixel belongs to only slowly (mIoU
 15-19 after 150-300 iterations from the pre-training; ``uper_itpn_tiny_demo.py``), while the detector,
@@ -127,9 +127,9 @@ optimizer.lr = 1.2e-2
 # log2(sqrt(area) / 224)), clamped to p2-p5, which is p2 for every object of the built-in data at these
 # sizes (under 112 px), so the class-aware box classifier and mask head read p2 for every object-sized
 # box (only larger proposals come from p3 up; the class-agnostic RPN reads all). The stage's command on the detectors
-# of detection seeds 0 / 1 / 2 (2026-12-06, 2-core AMD EPYC, 2 threads): 42.3 / 37.6 / 44.3 for the
-# file before (p3-p5 and c3-c5, 2200 iterations, 106-112 s); with p2 space-to-depth 57.8 / 49.7 / 55.9
-# at 1800 iterations (113-122 s) and 59.1 / 52.4 / 59.4 at 2200 (131-140 s). At seed 0: p2
+# of detection seeds 0 / 1 / 2 / 3 (2026-12-06, 2-core AMD EPYC, 2 threads): 42.3 / 37.6 / 44.3 / 42.0
+# for the file before (p3-p5 and c3-c5, 2200 iterations, 106-115 s); with p2 space-to-depth 57.8 / 49.7 /
+# 55.9 / 48.5 at 1800 iterations (113-122 s) and, seeds 0-2, 59.1 / 52.4 / 59.4 at 2200 (131-140 s). At seed 0: p2
 # average-pooled instead 50.5, and c2 space-to-depth beside p2 58.1 (both at 2200).
 model.sem_seg_head.in_features = [("p2", "p3", "c3"), ("p4", "c4"), ("p5", "c5")]
 # The backbone offers just the maps the head reads (it would skip p2's level for a head without it).
