@@ -41,7 +41,13 @@ from itpn_d2.utils.user_errors import exit_on_user_error
 
 from .compile import maybe_compile
 from .determinism import DeterministicStepRNG
-from .distributed import OutputDirNotSharedError, check_shared_output_dir, create_ddp_model, share_cpu_threads
+from .distributed import (
+    OutputDirNotSharedError,
+    check_shared_output_dir,
+    create_ddp_model,
+    end_process_group,
+    share_cpu_threads,
+)
 from .run_lock import OutputDirLockedError
 from .skipped_images import SkippedImagesMetric
 from .trainer import NonFiniteLossError, TrainConfigError, amp_dtype_of, build_trainer
@@ -249,8 +255,10 @@ def run(args) -> None:
 
 def guarded_run(args) -> None:
     """:func:`run`, ending the process with one ``ERROR:`` line on a :data:`USER_ERRORS` error
-    (exit status 2 for a config error, 1 otherwise). What ``launch`` runs on every process."""
+    (exit status 2 for a config error, 1 otherwise). What ``launch`` runs on every process; a
+    finished multi-process run tears its process group down (:func:`end_process_group`)."""
     try:
         run(args)
     except USER_ERRORS as e:
         exit_on_user_error(e, log=logger)
+    end_process_group()

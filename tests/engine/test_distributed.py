@@ -158,6 +158,7 @@ def test_two_cpu_processes_train_like_one(tmp_path):
     url = f"file://{tmp_path / 'rendezvous'}"
     two = run(train_cmd(tmp_path / "two", *common, num_gpus=2, extra_args=["--dist-url", url]), env)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "terminate called" not in two.stderr  # a rank that aborts at exit (end_process_group)
     log = (tmp_path / "two" / "log.txt").read_text()
     assert "World size: 2" in log
 
@@ -174,6 +175,27 @@ def test_two_cpu_processes_train_like_one(tmp_path):
     assert diff < 1e-5, f"2-process weights differ from 1-process ones by {diff}"
     teacher = [k for k in a if k.startswith("teacher.model.")]
     assert teacher and all(torch.allclose(a[k], b[k], atol=1e-5) for k in teacher)
+
+
+def test_a_finished_run_tears_its_process_group_down(tmp_path, monkeypatch):
+    """Left to the interpreter's exit, gloo's threads once aborted a finished rank; every process
+    of a run now destroys its group when the run returns, and a run without one is untouched."""
+    import torch.distributed as dist
+
+    from itpn_d2.engine import lazyconfig_run
+
+    ran = []
+    monkeypatch.setattr(lazyconfig_run, "run", lambda args: ran.append(args))
+    lazyconfig_run.guarded_run("no group")
+    assert ran == ["no group"] and not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", world_size=1, rank=0)
+    try:
+        lazyconfig_run.guarded_run("one rank")
+        assert ran == ["no group", "one rank"]
+        assert not dist.is_initialized(), "the run's process group outlives it"
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_cpu_processes_share_the_cores(monkeypatch):
