@@ -16,7 +16,7 @@ does, and the integral ablation's segmentation task), used differently:
 * the base config's 300 iterations then cost about what 150 fine-tuning ones did;
 * (this file) a stride-8 head (UPerNet's levels at strides 8-32; p2 in the first since, last bullet)
   without PhotoMetricDistortion: its step was 1.56x cheaper at the stage's 2 threads;
-* (this file) batch 2 for 1800 iterations (2200 from `631ddbb`, 1800 again since `ba04072`, below) instead of batch 8 for 450: the same
+* (this file) batch 2 for 2200 iterations (1800 until `631ddbb` and from `ba04072` to `ec0aa58`, below) instead of batch 8 for 450: the same
   images, four times the updates (mIoU 40.5 against 32.0 on the same detector; the stage 114 s
   against 95); no auxiliary
   FCN head: on a frozen backbone its loss trains only itself, and it is not used at inference; and
@@ -33,7 +33,12 @@ does, and the integral ablation's segmentation task), used differently:
 * (this file) the finest level reads the pyramid's p2 again, space-to-depth to stride 8 beside p3 and
   c3 (``("p2", "p3", "c3")``; UPerHead), where the detector learnt the shapes, for 1800 iterations,
   which take about the time the 2200 without p2 did: mIoU 53.0 +- 4.5 over four detectors against
-  41.6 +- 2.8, paired +11.4 [+5.5, +17.3] (2026-12-06, 2-core AMD EPYC; docs/main_job.md).
+  41.6 +- 2.8, paired +11.4 [+5.5, +17.3] (2026-12-06, 2-core AMD EPYC; docs/main_job.md);
+* (this file) 2200 iterations again, with p2: over the five demo detectors of the Intel Xeon, mIoU 58.5
+  +- 1.5 against 53.4 +- 2.2 at 1800, paired +5.1 [+3.0, +7.2], and 146.4 +- 4.3 against 137.0 +- 3.9
+  of the 198 validation objects labelled with their own class, +9.4 [+2.6, +16.2], for about 15 s
+  (2026-12-06; docs/main_job.md). Stride-4 logits from this stride-8 head
+  (``model.sem_seg_head.logit_upscale=2``, UPerHead) gave +0.2 [-0.3, +0.7] at 2200: not used.
 
 Why: in the demo's minutes the segmenter learns *which* shape a pixel belongs to only slowly (mIoU
 15-19 after 150-300 iterations from the pre-training; ``uper_itpn_tiny_demo.py``), while the detector,
@@ -106,11 +111,15 @@ iterations for the same minutes (the seed-0 and seed-1 rows: +3.0 and +4.6 over 
 300 at the same seed). Without the colour jitter: the frozen backbone cannot adapt to it, and the test
 images have none (+1.4 and +0.7 in the two pairs run).
 """
+from detectron2.config import LazyCall as L
+from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
+
 from itpn_d2.data.photometric import PhotoMetricDistortion
+from itpn_d2.evaluation import ObjectLabelEvaluator, sem_seg_loading_fn
 
 from .uper_itpn_tiny_demo import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401
 
-MAX_ITER = 1800
+MAX_ITER = 2200
 
 model.backbone.frozen = True
 # the head alone trains, from scratch: 2e-3 / 6e-3 / 1.2e-2 gave 25.9 / 24.7 / 26.8 (one run each)
@@ -142,10 +151,11 @@ dataloader.train.mapper.augmentations = [
 # Batch 2, not 8: for a head trained from scratch in a few minutes the updates are what count (on the
 # 700-iteration demo detector, 2026-12-05: batch 8 x 450 / 4 x 900 / 2 x 1800 gave mIoU 32.5 / 37.3 /
 # 41.5, the same images, one thread each, two at once; table above). With two images, the 1x1
-# pyramid-pooling branch still gives its BatchNorm two values per channel. 1800 iterations: with p2
+# pyramid-pooling branch still gives its BatchNorm two values per channel. 2200 iterations: with p2
 # read (2026-12-06, AMD EPYC, 2 threads, seed-0 detector) 1800 / 2000 / 2200 gave 57.8 / 56.0 / 59.1 in
-# 113 / 127 / 134 s; over three detectors 2200 gave +2.5 [-0.2, +5.3] over 1800 (not established) for
-# about 20 s more, which the 15 minutes do not have (the file before: 2200 iterations without p2, 106-112 s).
+# 113 / 127 / 134 s, and over three detectors +2.5 [-0.2, +5.3] for 2200 over 1800 (not established);
+# on the Intel Xeon, over five detectors, +5.1 [+3.0, +7.2] (established) in 110-117 s against 94-106 s.
+# A fresh-clone `make demo` with 1800 took 12.7 minutes there and 13.4 on the AMD EPYC: the ~15 s fit.
 dataloader.train.total_batch_size = 2
 train.max_iter = MAX_ITER  # the base file evaluates and saves at train.max_iter
 # No auxiliary FCN head: with the backbone frozen its loss reaches nothing but its own weights, and it is
@@ -164,3 +174,16 @@ model.sem_seg_head.dropout = 0.0
 # a step instead of 0.19-0.20); the stream, and so the checkpoint, is the same either way
 # (itpn_d2.data.resumable).
 dataloader.train.num_workers = dataloader.test.num_workers = 0
+# mIoU as the base file, and beside it the objects of the 50 images (itpn_synthetic_val, the same
+# images with instance masks) painted mostly in their own class: what a look at the rendered
+# segmentations judges, where mIoU weighs pixels (ObjectLabelEvaluator; results "object_labels/*").
+dataloader.evaluator = L(DatasetEvaluators)(
+    evaluators=[
+        L(SemSegEvaluator)(
+            dataset_name="${dataloader.test.dataset.names}",
+            sem_seg_loading_fn=sem_seg_loading_fn,
+            output_dir="${train.output_dir}/inference",
+        ),
+        L(ObjectLabelEvaluator)(instances_dataset="itpn_synthetic_val", sem_seg_dataset="${dataloader.test.dataset.names}"),
+    ]
+)

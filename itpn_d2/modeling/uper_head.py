@@ -24,6 +24,13 @@ stride (``F.pixel_unshuffle``: each k x k block of a map of C channels becomes o
 position of k*k*C channels, nothing averaged away). E.g. ``("p2", "p3", "c3")`` is a
 stride-8 level that still carries all of the stride-4 level, as ``make demo``'s
 segmentation stage reads it: the head's convolutions stay at stride 8.
+
+The reverse at the output (``logit_upscale=r``, off by default): the classifier gives each
+position an r x r block of logits (r*r*K channels), rearranged depth-to-space
+(``F.pixel_shuffle``, the sub-pixel convolution of Shi et al. 2016, "Real-Time Single Image and
+Video Super-Resolution Using an Efficient Sub-Pixel Convolutional Neural Network"), so a
+stride-8 head gives stride-4 logits for the cost of a wider 1x1 classifier; bilinear
+upsampling does the rest.
 """
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -111,6 +118,7 @@ class UPerHead(nn.Module):
         aux_channels: int = 256,
         aux_loss_weight: float = 0.4,
         class_weight: Optional[Sequence[float]] = None,
+        logit_upscale: int = 1,
     ):
         """
         Args:
@@ -133,6 +141,8 @@ class UPerHead(nn.Module):
             aux_loss_weight: weight of the auxiliary loss.
             class_weight: per-class weights of the cross-entropy (K values; mmseg's
                 ``CrossEntropyLoss(class_weight=...)``); None: every class 1.
+            logit_upscale: r, the main classifier's r x r logits per position, rearranged
+                depth-to-space: logits at stride s_0 / r (r must divide s_0). 1: UPerNet's.
         """
         super().__init__()
         if in_features is None:
@@ -157,7 +167,13 @@ class UPerHead(nn.Module):
             "class_weight", None if class_weight is None else torch.tensor(class_weight, dtype=torch.float32),
             persistent=False,
         )
-        self.common_stride = strides[0]
+        if logit_upscale < 1 or strides[0] % logit_upscale:
+            raise ValueError(
+                f"UPerHead: logit_upscale={logit_upscale} must be a positive divisor of the finest stride {strides[0]}"
+            )
+        self.logit_upscale = logit_upscale
+        # the stride of the main logits
+        self.common_stride = strides[0] // logit_upscale
 
         self.ppm = _PPM(in_channels=in_channels[-1], channels=channels, pool_scales=pool_scales, norm=norm)
         self.ppm_bottleneck = _conv(in_channels[-1] + len(pool_scales) * channels, channels, 3, norm)
@@ -165,7 +181,7 @@ class UPerHead(nn.Module):
         self.fpn_convs = nn.ModuleList([_conv(channels, channels, 3, norm) for _ in in_channels[:-1]])
         self.fpn_bottleneck = _conv(len(in_channels) * channels, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.predictor = _classifier(channels, num_classes)
+        self.predictor = _classifier(channels, num_classes * logit_upscale * logit_upscale)
 
         self.aux_in_feature = None
         if aux_in_feature is not None:
@@ -208,7 +224,7 @@ class UPerHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         """yacs: MODEL.SEM_SEG_HEAD.{IN_FEATURES, NUM_CLASSES, CONVS_DIM, NORM, IGNORE_VALUE, LOSS_WEIGHT}
-        and, if present, MODEL.SEM_SEG_HEAD.{AUX_IN_FEATURE, AUX_LOSS_WEIGHT, POOL_SCALES, CLASS_WEIGHT}."""
+        and, if present, MODEL.SEM_SEG_HEAD.{AUX_IN_FEATURE, AUX_LOSS_WEIGHT, POOL_SCALES, CLASS_WEIGHT, LOGIT_UPSCALE}."""
         head = cfg.MODEL.SEM_SEG_HEAD
         return {
             "input_shape": input_shape,
@@ -222,6 +238,7 @@ class UPerHead(nn.Module):
             "aux_in_feature": head.get("AUX_IN_FEATURE", None),
             "aux_loss_weight": head.get("AUX_LOSS_WEIGHT", 0.4),
             "class_weight": head.get("CLASS_WEIGHT", None),
+            "logit_upscale": head.get("LOGIT_UPSCALE", 1),
         }
 
     def _gather(self, features: Dict[str, torch.Tensor], group: Tuple[str, ...]) -> torch.Tensor:
@@ -232,7 +249,7 @@ class UPerHead(nn.Module):
         return xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
 
     def layers(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """-> logits (B, K, H/common_stride, W/common_stride)."""
+        """-> logits (B, K, H/common_stride, W/common_stride) (common_stride: s_0 / logit_upscale)."""
         xs = [self._gather(features, g) for g in self.in_features]
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, xs[:-1])]
         laterals.append(self.ppm_bottleneck(self.ppm(xs[-1])))
@@ -242,7 +259,8 @@ class UPerHead(nn.Module):
         outs.append(laterals[-1])
         size = outs[0].shape[-2:]
         fused = self.fpn_bottleneck(torch.cat([_resize(o, size) for o in outs], dim=1))
-        return self.predictor(self.dropout(fused))
+        logits = self.predictor(self.dropout(fused))
+        return logits if self.logit_upscale == 1 else F.pixel_shuffle(logits, self.logit_upscale)
 
     def forward(self, features: Dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None):
         """

@@ -215,6 +215,34 @@ def test_a_level_takes_its_finer_features_space_to_depth():
         assert not torch.allclose(logits, ref.layers({**feats, "p2_blocks": shuffled}), atol=1e-6)
 
 
+def test_logit_upscale_gives_each_position_a_block_of_logits():
+    """logit_upscale=2: the classifier's 4K channels at stride 8 are K logits at stride 4, channel
+    k*4 + 2*i + j going to pixel (i, j) of the position's 2x2 block (depth-to-space)."""
+    torch.manual_seed(0)
+    shapes = {"p3": ShapeSpec(channels=8, stride=8), "p4": ShapeSpec(channels=8, stride=16)}
+    head = UPerHead(input_shape=shapes, num_classes=3, channels=32, norm="GN", logit_upscale=2).eval()
+    assert head.common_stride == 4 and head.predictor.out_channels == 12
+    g = torch.Generator().manual_seed(1)
+    feats = {n: torch.randn(2, s.channels, 64 // s.stride, 96 // s.stride, generator=g) for n, s in shapes.items()}
+    seen = []
+    hook = head.predictor.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        logits = head.layers(feats)
+        full, _ = head(feats)
+    hook.remove()
+    per_position = seen[0]  # (2, 12, 8, 12)
+    blocks = per_position.reshape(2, 3, 2, 2, 8, 12).permute(0, 1, 4, 2, 5, 3).reshape(2, 3, 16, 24)
+    assert logits.shape == (2, 3, 16, 24) and torch.equal(logits, blocks)
+    assert full.shape == (2, 3, 64, 96)  # upsampled 4x, not 8x, to the input
+    # trains: the loss reaches every block channel of the classifier
+    head.train()
+    _, losses = head(feats, torch.randint(0, 3, (2, 64, 96), generator=g))
+    losses["loss_sem_seg"].backward()
+    assert (head.predictor.weight.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
+    with pytest.raises(ValueError, match="logit_upscale=3"):
+        UPerHead(input_shape=shapes, num_classes=3, channels=32, logit_upscale=3)
+
+
 def test_sliding_window_inference():
     cfg = tiny_uper_cfg()
     cfg.model._target_ = SlidingWindowSemanticSegmentor
@@ -470,8 +498,8 @@ def test_the_frozen_demo_config_trains_the_head_alone():
 def test_the_frozen_demo_config_is_a_stride_8_head_without_colour_jitter():
     """The frozen stage's time trade (its docstring): a stride-8 head (1.56x faster steps) whose finest
     level still reads the pyramid's p2, space-to-depth (the level where the detector learnt the
-    shapes), at batch 2 for 1800 iterations (the 8 x 450 images of the batch-8 file in four times
-    the updates), evaluated and saved at the end of its own schedule; no auxiliary head (on a frozen backbone it would train
+    shapes), at batch 2 for 2200 iterations (more images than the 8 x 450 of the batch-8 file, in
+    five times the updates), evaluated and saved at the end of its own schedule; no auxiliary head (on a frozen backbone it would train
     only itself); ENet's class weights square-rooted; no dropout before the classifier; no
     PhotoMetricDistortion (a frozen backbone cannot adapt to it). The base demo config keeps the
     stride-4 head, the auxiliary head, the dropout, batch 8 and the jitter, as the integral ablation's
@@ -491,7 +519,15 @@ def test_the_frozen_demo_config_is_a_stride_8_head_without_colour_jitter():
     kinds = [a._target_ for a in cfg.dataloader.train.mapper.augmentations]
     assert PhotoMetricDistortion not in kinds and len(kinds) == 2
     assert PhotoMetricDistortion in [a._target_ for a in base.dataloader.train.mapper.augmentations]
-    assert cfg.train.max_iter == cfg.train.eval_period == cfg.train.checkpointer.period == 1800
+    assert cfg.train.max_iter == cfg.train.eval_period == cfg.train.checkpointer.period == 2200
+    assert model.sem_seg_head.logit_upscale == 1  # stride-4 logits gave nothing at 2200 (the docstring)
+    # mIoU and, beside it, the objects labelled with their own class
+    from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
+
+    from itpn_d2.evaluation import ObjectLabelEvaluator
+
+    assert cfg.dataloader.evaluator._target_ is DatasetEvaluators
+    assert [e._target_ for e in cfg.dataloader.evaluator.evaluators] == [SemSegEvaluator, ObjectLabelEvaluator]
     assert cfg.dataloader.train.total_batch_size == 2 and base.dataloader.train.total_batch_size == 8
     assert model.sem_seg_head.aux_in_feature is None
     assert instantiate(base.model).sem_seg_head.aux_in_feature is not None

@@ -33,6 +33,8 @@ def test_main_job_quick(tmp_path, repo_root):
     # COCOEvaluator ran and returned numbers (a few iterations: any value, but a number)
     assert isinstance(summary["box_AP"], float) and isinstance(summary["mask_AP"], float)
     assert isinstance(summary["mIoU"], float) and 0.0 <= summary["mIoU"] <= 100.0  # SemSegEvaluator ran
+    objects = summary["object_labels"]  # ObjectLabelEvaluator ran beside it, on every validation object
+    assert objects["objects"] > 0 and 0 <= objects["right"] <= objects["objects"] and 0.0 <= objects["all"] <= 100.0
     assert 0 < summary["reconstruction_error_ratio"] < float("inf")  # the reconstruction meter ran
     assert set(summary["stage_seconds"]) >= {"pretrain", "detection", "segmentation"}
 
