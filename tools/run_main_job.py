@@ -11,12 +11,13 @@ Stages, each a plain command printed before it runs (re-run or change any one; t
   3. fine-tune Mask R-CNN from that checkpoint     tools/lazyconfig_train_net.py, the Mask R-CNN config
      (strict load: every encoder and pyramid tensor comes from stage 2), COCOEvaluator at the end
   4. train UPerNet's head on stage 3's frozen      tools/lazyconfig_train_net.py, the UPerNet config
-     encoder + pyramid (strict load of the detector's), SemSegEvaluator (mIoU) at the end
+     encoder + pyramid (strict load of the detector's), SemSegEvaluator (mIoU) and
+     ObjectLabelEvaluator (objects whose pixels are mostly their own class) at the end
   5. reconstructions of the pre-trained model      tools/visualize_reconstruction.py
      (with their error against each masked unit's true colour: reconstruction_errors.json)
   6. detections on validation images              tools/demo.py
   7. segmentations of the same images             tools/demo.py
-and a summary: box AP, mask AP, mIoU, the reconstruction error ratio, the time of each stage and
+and a summary: box AP, mask AP, mIoU, the objects labelled right, the reconstruction error ratio, the time of each stage and
 where everything is.
 
     python tools/run_main_job.py                    # the full job (about 14 minutes on 2 cores)
@@ -130,7 +131,8 @@ def run_job(argv=None) -> None:
         cmd += [f"train.max_iter={seg_iters}", f"train.eval_period={seg_iters}",
                 f"train.checkpointer.period={seg_iters}", *log_every]
     took["segmentation"] = _stage(
-        "4/7 training UPerNet's head on the detector's frozen backbone + pyramid, then SemSegEvaluator (mIoU)",
+        "4/7 training UPerNet's head on the detector's frozen backbone + pyramid, then SemSegEvaluator (mIoU) "
+        "and ObjectLabelEvaluator",
         cmd,
         os.path.join(out, "segmentation.log"))
     seg_ckpt = os.path.join(seg_dir, "model_final.pth")

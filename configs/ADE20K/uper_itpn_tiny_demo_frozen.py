@@ -14,10 +14,10 @@ does, and the integral ablation's segmentation task), used differently:
 * ``model.backbone.frozen = True`` (this file): the encoder and pyramid are a fixed feature extractor
   (eval mode, no gradients), and only the UPerNet head trains, at a head's lr (this file: 1.2e-2);
 * the base config's 300 iterations then cost about what 150 fine-tuning ones did;
-* (this file) a stride-8 head (UPerNet's levels at strides 8-32; p2 in the first since, last bullet)
+* (this file) a stride-8 head (UPerNet's levels at strides 8-32; p2 in the first since, a bullet below)
   without PhotoMetricDistortion: its step was 1.56x cheaper at the stage's 2 threads;
-* (this file) batch 2 for 2200 iterations (1800 until `631ddbb` and from `ba04072` to `ec0aa58`, below) instead of batch 8 for 450: the same
-  images, four times the updates (mIoU 40.5 against 32.0 on the same detector; the stage 114 s
+* (this file) batch 2 for 2200 iterations (1800 until `631ddbb` and from `ba04072` to `ec0aa58`, below) instead of batch 8 for 450: at 1800,
+  the same images in four times the updates (mIoU 40.5 against 32.0 on the same detector; the stage 114 s
   against 95); no auxiliary
   FCN head: on a frozen backbone its loss trains only itself, and it is not used at inference; and
   ENet's class weights square-rooted (42.7). Over the five demo detectors (seeds 0-4): mIoU 40.4 +- 1.3 against
@@ -36,7 +36,7 @@ does, and the integral ablation's segmentation task), used differently:
   41.6 +- 2.8, paired +11.4 [+5.5, +17.3] (2026-12-06, 2-core AMD EPYC; docs/main_job.md);
 * (this file) 2200 iterations again, with p2: over the five demo detectors of the Intel Xeon, mIoU 58.5
   +- 1.5 against 53.4 +- 2.2 at 1800, paired +5.1 [+3.0, +7.2], and 146.4 +- 4.3 against 137.0 +- 3.9
-  of the 198 validation objects labelled with their own class, +9.4 [+2.6, +16.2], for about 15 s
+  of the 198 validation objects labelled with their own class, +9.4 [+2.6, +16.2], for 15-30 s
   (2026-12-06; docs/main_job.md). Stride-4 logits from this stride-8 head
   (``model.sem_seg_head.logit_upscale=2``, UPerHead) gave +0.2 [-0.3, +0.7] at 2200: not used.
 
@@ -155,7 +155,8 @@ dataloader.train.mapper.augmentations = [
 # read (2026-12-06, AMD EPYC, 2 threads, seed-0 detector) 1800 / 2000 / 2200 gave 57.8 / 56.0 / 59.1 in
 # 113 / 127 / 134 s, and over three detectors +2.5 [-0.2, +5.3] for 2200 over 1800 (not established);
 # on the Intel Xeon, over five detectors, +5.1 [+3.0, +7.2] (established) in 110-117 s against 94-106 s.
-# A fresh-clone `make demo` with 1800 took 12.7 minutes there and 13.4 on the AMD EPYC: the ~15 s fit.
+# A fresh-clone `make demo` there took 13.5 minutes with 2200 (12.7 with 1800; the stage 122 s against
+# 90); on the AMD EPYC 13.4 with 1800 (2200 not run there from a fresh clone).
 dataloader.train.total_batch_size = 2
 train.max_iter = MAX_ITER  # the base file evaluates and saves at train.max_iter
 # No auxiliary FCN head: with the backbone frozen its loss reaches nothing but its own weights, and it is

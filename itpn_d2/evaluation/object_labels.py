@@ -1,5 +1,4 @@
-"""How many objects a semantic segmenter labels right: per object, the class it gives most of
-the object's pixels.
+"""The objects a semantic segmenter labels right: each object's commonest predicted class.
 
 mIoU weighs pixels, so a large ring segmented well can hide three small triangles called
 "star". What a person looking at a rendered segmentation judges is closer to this: is each object
@@ -10,7 +9,10 @@ dataset whose images also have instance annotations under another registered nam
 ``itpn_synthetic_sem_seg_val`` and ``itpn_synthetic_val`` are the same 50 images).
 
 Results, under the task ``object_labels``: ``right`` and ``objects`` (counts over the dataset),
-``all`` (percent of objects right) and one percent per category, e.g. ``object_labels/triangle``.
+``all`` (percent of objects right) and one percent per category that has objects, e.g.
+``object_labels/triangle``; with no object at all, only the two counts (0). Ties between classes go to
+the lower class index. Images of the evaluated dataset that the detection dataset does not have are
+skipped and counted in a warning.
 """
 import itertools
 import logging

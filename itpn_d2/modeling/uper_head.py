@@ -167,7 +167,7 @@ class UPerHead(nn.Module):
             "class_weight", None if class_weight is None else torch.tensor(class_weight, dtype=torch.float32),
             persistent=False,
         )
-        if logit_upscale < 1 or strides[0] % logit_upscale:
+        if not isinstance(logit_upscale, int) or logit_upscale < 1 or strides[0] % logit_upscale:
             raise ValueError(
                 f"UPerHead: logit_upscale={logit_upscale} must be a positive divisor of the finest stride {strides[0]}"
             )

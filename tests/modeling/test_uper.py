@@ -239,8 +239,9 @@ def test_logit_upscale_gives_each_position_a_block_of_logits():
     _, losses = head(feats, torch.randint(0, 3, (2, 64, 96), generator=g))
     losses["loss_sem_seg"].backward()
     assert (head.predictor.weight.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
-    with pytest.raises(ValueError, match="logit_upscale=3"):
-        UPerHead(input_shape=shapes, num_classes=3, channels=32, logit_upscale=3)
+    for bad in (3, 0, 2.0):  # not a divisor of stride 8, not positive, not an int
+        with pytest.raises(ValueError, match=f"logit_upscale={bad}"):
+            UPerHead(input_shape=shapes, num_classes=3, channels=32, logit_upscale=bad)
 
 
 def test_sliding_window_inference():
