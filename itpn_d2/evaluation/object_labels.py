@@ -24,6 +24,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
+from detectron2.structures import polygons_to_bitmask
 from detectron2.utils import comm
 
 __all__ = ["ObjectLabelEvaluator"]
@@ -32,18 +33,13 @@ logger = logging.getLogger(__name__)
 
 
 def _object_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """A COCO annotation's ``segmentation`` (polygons, or RLE with str / bytes counts) -> (H, W) bool."""
-    if isinstance(segmentation, list):  # polygons
-        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation, dict):
-        rle = dict(segmentation)
-        if isinstance(rle["counts"], list):  # uncompressed RLE
-            rle = mask_util.frPyObjects(rle, height, width)
-        elif isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode("ascii")
-    else:
-        raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
-    return mask_util.decode(rle).astype(bool)
+    """An annotation's ``segmentation`` -> (H, W) bool, as detectron2's ``annotations_to_instances``
+    reads it: polygons, or RLE (detectron2's COCO loader has already compressed uncompressed RLE)."""
+    if isinstance(segmentation, list):
+        return polygons_to_bitmask(segmentation, height, width)
+    if isinstance(segmentation, dict):
+        return mask_util.decode(segmentation).astype(bool)
+    raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
 
 
 class ObjectLabelEvaluator(DatasetEvaluator):
