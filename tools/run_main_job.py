@@ -195,7 +195,7 @@ def run_job(argv=None) -> None:
     print(f"  box AP50 {fmt(summary['box_AP50'])}   mask AP50 {fmt(summary['mask_AP50'])}")
     print(f"  mIoU {fmt(miou)}   (SemSegEvaluator on itpn_synthetic_sem_seg_val, 7 classes)")
     if "right" in objects and "objects" in objects:
-        per_class = ", ".join(f"{k} {v:.0f}%" for k, v in objects.items() if k not in ("right", "objects", "all"))
+        per_class = ", ".join(f"{k[len('pct-'):]} {v:.0f}%" for k, v in objects.items() if k.startswith("pct-"))
         print(f"  objects labelled right {objects['right']:.0f}/{objects['objects']:.0f}   (the commonest label of "
               f"each object's pixels is its class: {per_class})")
     print("  stage times            : " + ", ".join(f"{k} {v:.0f}s" for k, v in took.items()))

@@ -9,8 +9,9 @@ dataset whose images also have instance annotations under another registered nam
 ``itpn_synthetic_sem_seg_val`` and ``itpn_synthetic_val`` are the same 50 images).
 
 Results, under the task ``object_labels``: ``right`` and ``objects`` (counts over the dataset),
-``all`` (percent of objects right) and one percent per category that has objects, e.g.
-``object_labels/triangle``; with no object at all, only the two counts (0). Ties between classes go to
+``all`` (percent of objects right) and ``pct-<category>``, the percent right of each category that has
+objects, e.g. ``object_labels/pct-triangle`` (a prefix, as ``SemSegEvaluator``'s ``IoU-<class>``, so that
+no category name can overwrite a total); with no object at all, only the two counts (0). Ties between classes go to
 the lower class index. Images of the evaluated dataset that the detection dataset does not have are
 skipped and counted in a warning.
 """
@@ -122,7 +123,7 @@ class ObjectLabelEvaluator(DatasetEvaluator):
         res = {"right": float(right.sum()), "objects": float(total.sum()), "all": 100.0 * right.sum() / total.sum()}
         for name, r, t in zip(self._thing_classes, right, total):
             if t:
-                res[name] = 100.0 * r / t
+                res[f"pct-{name}"] = 100.0 * r / t
         per_class = ", ".join(f"{n} {r}/{t}" for n, r, t in zip(self._thing_classes, right, total))
         logger.info(f"Objects labelled with their own class (commonest label of their pixels): "
                     f"{right.sum()}/{total.sum()}: {per_class}")

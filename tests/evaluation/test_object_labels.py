@@ -72,14 +72,14 @@ def test_counts_objects_by_the_commonest_label_of_their_pixels(two_images, distr
     ev.process([{"file_name": "imgs/unknown.jpg"}], [{"sem_seg": _scores(label_b)}])  # no objects: skipped, told
     res = ev.evaluate()["object_labels"]
     assert res["right"] == 2 and res["objects"] == 3
-    assert res["all"] == pytest.approx(200 / 3) and res["disc"] == 100 and res["bar"] == 0
+    assert res["all"] == pytest.approx(200 / 3) and res["pct-disc"] == 100 and res["pct-bar"] == 0
     assert "unknown.jpg" in caplog.text
     # the counts start again after reset; one more correct bar makes it half right
     ev.reset()
     label_a[10:18, 15:28] = STUFF.index("bar")
     ev.process([{"file_name": "imgs/a.jpg"}], [{"sem_seg": _scores(label_a)}])
     res = ev.evaluate()["object_labels"]
-    assert (res["right"], res["objects"], res["bar"]) == (2, 2, 100)
+    assert (res["right"], res["objects"], res["pct-bar"]) == (2, 2, 100)
 
 
 def test_refuses_what_it_cannot_compare(two_images):
@@ -89,3 +89,24 @@ def test_refuses_what_it_cannot_compare(two_images):
     ev = ObjectLabelEvaluator(*_register(records), distributed=False)
     with pytest.raises(ValueError, match="a.jpg"):  # a prediction not at the annotated size
         ev.process([{"file_name": "imgs/a.jpg"}], [{"sem_seg": _scores(label_a[:, :20])}])
+
+
+def test_a_category_named_like_a_total_does_not_overwrite_it():
+    """Per-category results are ``pct-<name>``: categories called "right" and "all" keep the totals."""
+    stuff, things = ["background", "right", "all"], ["all", "right"]
+    inst, seg = f"objlab_inst_{uuid.uuid4().hex}", f"objlab_seg_{uuid.uuid4().hex}"
+    obj_all, obj_right = _box(2, 8, 2, 10), _box(10, 18, 15, 28)
+    records = [{"file_name": "a.jpg", "height": H, "width": W, "annotations": [
+        {"segmentation": _rle(obj_all), "category_id": 0}, {"segmentation": _rle(obj_right), "category_id": 1}]}]
+    DatasetCatalog.register(inst, lambda: records)
+    MetadataCatalog.get(inst).set(thing_classes=things)
+    DatasetCatalog.register(seg, lambda: [])
+    MetadataCatalog.get(seg).set(stuff_classes=stuff)
+    label = np.zeros((H, W), np.int64)
+    label[obj_all] = stuff.index("all")  # right; the "right" object is left as background: wrong
+    ev = ObjectLabelEvaluator(inst, seg, distributed=False)
+    ev.reset()
+    ev.process([{"file_name": "a.jpg"}], [{"sem_seg": _scores(label)}])
+    res = ev.evaluate()["object_labels"]
+    assert (res["right"], res["objects"], res["all"]) == (1, 2, 50)
+    assert (res["pct-all"], res["pct-right"]) == (100, 0)

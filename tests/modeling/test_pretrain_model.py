@@ -690,15 +690,19 @@ def test_pretrain_configs_build(repo_root, name):
 
 
 def test_the_demo_pretraining_is_the_cpu_recipe_run_longer(repo_root):
-    """``make demo`` pre-trains with the ablation's recipe, only longer: its warm-up, cosine and the
-    teacher's momentum schedule follow the length, and the recipe does not drift apart."""
+    """``make demo`` pre-trains with the ablation's recipe, only longer and with a wider pixel decoder:
+    its warm-up, cosine and the teacher's momentum schedule follow the length, and the recipe does not
+    drift apart otherwise."""
     cpu = LazyConfig.load(os.path.join(repo_root, "configs/pretrain/mim_mfm_itpn_tiny_cpu.py"))
     demo = LazyConfig.load(os.path.join(repo_root, "configs/pretrain/mim_mfm_itpn_tiny_demo.py"))
     assert demo.train.max_iter == 700 > cpu.train.max_iter
     with torch.device("meta"):
         assert instantiate(demo.model).teacher.max_iter == 700
     assert demo.lr_multiplier.warmup_length == cpu.lr_multiplier.warmup_length  # a fraction of the run
+    assert (demo.model.pixel_decoder.dec_dim, demo.model.pixel_decoder.num_heads) == (256, 8)
+    assert (cpu.model.pixel_decoder.dec_dim, cpu.model.pixel_decoder.num_heads) == (64, 4)
     demo.train.max_iter, demo.train.output_dir = cpu.train.max_iter, cpu.train.output_dir
+    demo.model.pixel_decoder.update(dec_dim=64, num_heads=4)
     assert LazyConfig.to_py(demo) == LazyConfig.to_py(cpu)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from itpn_d2.checkpoint.safe_load import load_checkpoint_file
+from itpn_d2.data.synthetic import CATEGORIES
 
 
 @pytest.mark.slow
@@ -35,6 +36,7 @@ def test_main_job_quick(tmp_path, repo_root):
     assert isinstance(summary["mIoU"], float) and 0.0 <= summary["mIoU"] <= 100.0  # SemSegEvaluator ran
     objects = summary["object_labels"]  # ObjectLabelEvaluator ran beside it, on every validation object
     assert objects["objects"] > 0 and 0 <= objects["right"] <= objects["objects"] and 0.0 <= objects["all"] <= 100.0
+    assert {k for k in objects if k.startswith("pct-")} <= {f"pct-{c}" for c in CATEGORIES} and len(objects) > 3
     assert 0 < summary["reconstruction_error_ratio"] < float("inf")  # the reconstruction meter ran
     assert set(summary["stage_seconds"]) >= {"pretrain", "detection", "segmentation"}
 
