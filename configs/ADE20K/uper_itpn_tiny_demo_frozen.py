@@ -39,6 +39,10 @@ does, and the integral ablation's segmentation task), used differently:
   of the 198 validation objects labelled with their own class, +9.4 [+2.6, +16.2], for 15-30 s
   (2026-12-06; docs/main_job.md). Stride-4 logits from this stride-8 head
   (``model.sem_seg_head.logit_upscale=2``, UPerHead) gave +0.2 [-0.3, +0.7] at 2200: not used.
+* (the pre-training, not this file) ``make demo``'s pre-training with its pixel decoder 256 wide instead
+  of 64: on the five detectors from it, this file gives mIoU 62.3 +- 1.6 (60.3 to 64.2) and 154.8 +- 3.0
+  objects right, paired +3.8 [+0.6, +7.0] and +8.4 [+0.0, +16.8] (one pre-training each side; 2026-12-06,
+  Intel Xeon; docs/main_job.md, "A wider pixel decoder").
 
 Why: in the demo's minutes the segmenter learns *which* shape a pixel belongs to only slowly (mIoU
 15-19 after 150-300 iterations from the pre-training; ``uper_itpn_tiny_demo.py``), while the detector,
@@ -156,7 +160,8 @@ dataloader.train.mapper.augmentations = [
 # 113 / 127 / 134 s, and over three detectors +2.5 [-0.2, +5.3] for 2200 over 1800 (not established);
 # on the Intel Xeon, over five detectors, +5.1 [+3.0, +7.2] (established) in 110-117 s against 94-106 s.
 # A fresh-clone `make demo` there took 13.5 minutes with 2200 (12.7 with 1800; the stage 122 s against
-# 90); on the AMD EPYC 13.4 with 1800 (2200 not run there from a fresh clone).
+# 90), 13.0 with the wider pre-training decoder (the stage 120 s); on the AMD EPYC 13.4 with 1800 (2200
+# not run there from a fresh clone).
 dataloader.train.total_batch_size = 2
 train.max_iter = MAX_ITER  # the base file evaluates and saves at train.max_iter
 # No auxiliary FCN head: with the backbone frozen its loss reaches nothing but its own weights, and it is
